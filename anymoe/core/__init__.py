@@ -1,0 +1,1 @@
+"""Device-agnostic interfaces and MoE math. Never imports device packages."""

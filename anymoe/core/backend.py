@@ -1,0 +1,144 @@
+"""The Backend interface: everything anymoe needs from a device, and nothing more.
+
+One implementation per target lives in ``anymoe/backends/`` and registers itself here by
+name and an ``auto_priority``. ``get_backend("auto")`` picks the usable one with the lowest
+priority (accelerators before the CPU); asking for a
+backend that cannot run raises :class:`BackendUnavailable` with one line saying why,
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from anymoe.core.sizing import IDENTITY, ExpertSizingPolicy
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend cannot run here; the message is the whole story in one line."""
+
+
+class Backend(ABC):
+    """A compute target: device, collective library, kernels and sizing policy."""
+
+    name: str
+    device_type: str
+    dist_backend: str
+
+    def __init__(self, sizing: ExpertSizingPolicy | None = None) -> None:
+        # Tests and parity runs force a policy on any backend to prove padding is inert.
+        self._sizing = sizing
+
+    @abstractmethod
+    def availability(self) -> Availability:
+        """Whether this backend can run on this machine, and if not, why (one line)."""
+
+    @abstractmethod
+    def device(self, local_rank: int = 0) -> torch.device:
+        """The torch device a process of this local rank computes on."""
+
+    @abstractmethod
+    def grouped_mm(self, x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
+        """Rows sorted by expert times per-expert weights; differentiable; empty experts allowed."""
+
+    def default_sizing(self) -> ExpertSizingPolicy:
+        return IDENTITY
+
+    def sizing_policy(self) -> ExpertSizingPolicy:
+        return self._sizing or self.default_sizing()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op where work is synchronous)."""
+
+    def memory_stats(self) -> dict[str, float]:
+        """Allocated and peak bytes on the device, where the runtime reports them."""
+        return {}
+
+    def reset_peak_memory(self) -> None:
+        """Restart the peak-memory counter (no-op where there is none)."""
+
+    def peak_flops(self, dtype: torch.dtype) -> float:
+        """Datasheet peak FLOP/s of one device for ``dtype``; 0 when unknown (MFU not shown)."""
+        return 0.0
+
+    def set_deterministic(self, on: bool) -> None:
+        torch.use_deterministic_algorithms(on, warn_only=True)
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype mixed precision computes in, or None for plain fp32."""
+        return torch.bfloat16
+
+    def check(self) -> Backend:
+        """Raise BackendUnavailable unless usable; returns self so calls chain."""
+        status = self.availability()
+        if not status.ok:
+            raise BackendUnavailable(f"backend {self.name!r} is not usable here: {status.reason}")
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, sizing={self.sizing_policy().kind})"
+
+
+BackendFactory = Callable[..., Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+_AUTO_PRIORITY: dict[str, int] = {}
+
+
+def register_backend(name: str, auto_priority: int) -> Callable[[BackendFactory], BackendFactory]:
+    """Class decorator adding a backend to the registry; duplicate names are a bug.
+
+    ``auto_priority``: lower is tried first by ``backend: auto``.
+    """
+
+    def add(factory: BackendFactory) -> BackendFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"backend {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        _AUTO_PRIORITY[name] = auto_priority
+        return factory
+
+    return add
+
+
+def _load_builtin_backends() -> None:
+    importlib.import_module("anymoe.backends")
+
+
+def backend_names() -> list[str]:
+    _load_builtin_backends()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str = "auto", sizing: ExpertSizingPolicy | None = None) -> Backend:
+    """The backend called ``name`` (or the first usable one for "auto"), checked usable."""
+    _load_builtin_backends()
+    if name == "auto":
+        for candidate in sorted(_REGISTRY, key=_AUTO_PRIORITY.__getitem__):
+            backend = _REGISTRY[candidate](sizing=sizing)
+            if backend.availability().ok:
+                return backend
+        raise BackendUnavailable("no backend is usable here (not even 'cpu'); run `anymoe env`")
+    if name not in _REGISTRY:
+        valid = ", ".join(["auto", *sorted(_REGISTRY)])
+        raise BackendUnavailable(f"unknown backend {name!r}; valid backends: {valid}")
+    return _REGISTRY[name](sizing=sizing).check()
+
+
+def probe_backends() -> dict[str, Availability]:
+    """Availability of every registered backend, for `anymoe env` and test parametrisation."""
+    _load_builtin_backends()
+    return {name: factory().availability() for name, factory in sorted(_REGISTRY.items())}
