@@ -19,6 +19,7 @@ from torch import Tensor
 
 from anymoe.core.sizing import IDENTITY, ExpertSizingPolicy
 
+
 @dataclass(frozen=True)
 class Availability:
     ok: bool

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -192,7 +191,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("", f"{p} must hold a mapping of settings at the top level, not {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError("", f"{p} must hold a mapping of settings at the top level, not {kind}")
     return data
 
 
