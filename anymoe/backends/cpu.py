@@ -1,12 +1,74 @@
-"""CPU backend: gloo collectives, the per-expert loop grouped matmul (fastest measured here)."""
+"""CPU backend: gloo collectives, the grouped matmul measured fastest here, optional IPEX.
+
+Grouped matmul: bench/cpu_grouped_mm.py times the per-expert loop, a padded bmm and
+``torch._grouped_mm`` (forward + backward, skewed routing); on torch 2.13 the torch op wins
+every shape in bench/results/cpu_grouped_mm.json, so it is used for every dtype it supports
+(probed once per dtype), and the loop serves the rest (float64, older torch).
+
+Mixed precision: off (``autocast_dtype`` is None). CPUs without bf16 matrix units (AMX)
+run bf16 matmuls no faster than fp32 and the parity runs compare against fp32.
+
+IPEX (intel_extension_for_pytorch) is imported only when its version matches torch's
+major.minor (its wheels refuse any other torch, and its last release, 2.8, needs torch 2.8);
+``optimize(model, optimizer)`` then hands both to ``ipex.optimize``.
+"""
 
 from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import resource
+import sys
+from functools import cache
 
 import torch
 from torch import Tensor
 
 from anymoe.core.backend import Availability, Backend, register_backend
-from anymoe.core.grouped_mm import grouped_mm_loop
+from anymoe.core.grouped_mm import grouped_mm_loop, grouped_mm_torch, torch_grouped_mm_works
+
+IPEX_MODULE = "intel_extension_for_pytorch"
+IPEX_DIST = "intel-extension-for-pytorch"
+
+
+def major_minor(version: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13)."""
+    parts = version.split("+")[0].split(".")[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
+def ipex_status(ipex_version: str | None, torch_version: str) -> Availability:
+    """Whether an installed IPEX can be used beside this torch (pure: versions in, verdict out)."""
+    if ipex_version is None:
+        return Availability(False, f"not installed (optional: pip install '{IPEX_DIST}' matching torch)")
+    if major_minor(ipex_version) != major_minor(torch_version):
+        return Availability(
+            False,
+            f"{IPEX_DIST} {ipex_version} needs torch {'.'.join(map(str, major_minor(ipex_version)))}.*, "
+            f"this is torch {torch_version}; not used (pip uninstall {IPEX_DIST}, or install the "
+            "matching torch)",
+        )
+    return Availability(True, f"{IPEX_DIST} {ipex_version}")
+
+
+def installed_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@cache
+def load_ipex() -> tuple[object | None, Availability]:
+    """Import IPEX if it is installed and matches torch; never raises."""
+    status = ipex_status(installed_version(IPEX_DIST), torch.__version__)
+    if not status.ok or importlib.util.find_spec(IPEX_MODULE) is None:
+        return None, status
+    try:
+        return importlib.import_module(IPEX_MODULE), status
+    except Exception as err:  # a broken extension must not break the CPU backend
+        return None, Availability(False, f"{IPEX_DIST} is installed but failed to import: {err}")
 
 
 @register_backend("cpu", auto_priority=100)
@@ -16,13 +78,33 @@ class CPUBackend(Backend):
     dist_backend = "gloo"
 
     def availability(self) -> Availability:
-        return Availability(True)
+        return Availability(True, f"{torch.get_num_threads()} threads")
 
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
 
     def grouped_mm(self, x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
+        if x_TD.dtype == w_EDF.dtype and torch_grouped_mm_works(x_TD.device, x_TD.dtype):
+            return grouped_mm_torch(x_TD, w_EDF, counts_E)
         return grouped_mm_loop(x_TD, w_EDF, counts_E)
+
+    def memory_stats(self) -> dict[str, float]:
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        scale = 1 if sys.platform == "darwin" else 1024
+        return {"peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)}
 
     def autocast_dtype(self) -> torch.dtype | None:
         return None
+
+    def optimize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """``ipex.optimize`` when IPEX is usable here, else both returned unchanged."""
+        ipex, _ = load_ipex()
+        if ipex is None:
+            return model, optimizer
+        if optimizer is None:
+            return ipex.optimize(model), None
+        return ipex.optimize(model, optimizer=optimizer)
+
+    def extensions(self) -> dict[str, str]:
+        _, status = load_ipex()
+        return {"ipex": ("used: " if status.ok else "unused: ") + status.reason}

@@ -83,6 +83,18 @@ class Backend(ABC):
         """The dtype mixed precision computes in, or None for plain fp32."""
         return torch.bfloat16
 
+    def device_count(self) -> int:
+        """Devices of this kind visible to this process (0 when the backend is not usable)."""
+        return 1 if self.availability().ok else 0
+
+    def extensions(self) -> dict[str, str]:
+        """Optional accelerator libraries this backend uses or skips, and why (for `anymoe env`)."""
+        return {}
+
+    def optimize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        """Hand model and optimizer to a vendor optimiser where one is in use; default unchanged."""
+        return model, optimizer
+
     def check(self) -> Backend:
         """Raise BackendUnavailable unless usable; returns self so calls chain."""
         status = self.availability()
@@ -137,6 +149,14 @@ def get_backend(name: str = "auto", sizing: ExpertSizingPolicy | None = None) ->
         valid = ", ".join(["auto", *sorted(_REGISTRY)])
         raise BackendUnavailable(f"unknown backend {name!r}; valid backends: {valid}")
     return _REGISTRY[name](sizing=sizing).check()
+
+
+def create_backend(name: str, sizing: ExpertSizingPolicy | None = None) -> Backend:
+    """The backend called ``name``, not checked usable (for `anymoe env` and conformance tests)."""
+    _load_builtin_backends()
+    if name not in _REGISTRY:
+        raise BackendUnavailable(f"unknown backend {name!r}; valid backends: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](sizing=sizing)
 
 
 def probe_backends() -> dict[str, Availability]:

@@ -54,3 +54,94 @@ def grouped_mm_padded(x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor, capacity: i
     buf = x_TD.new_zeros(E * C, D).index_copy(0, flat_T, x_TD)
     y_ECF = torch.bmm(buf.view(E, C, D), w_EDF)
     return y_ECF.reshape(E * C, F).index_select(0, flat_T)
+
+
+def offsets_from_counts(counts_E: Tensor) -> Tensor:
+    """End offset of every group as int32, computed on the counts' device (no host sync)."""
+    return torch.cumsum(counts_E, 0, dtype=torch.int32)
+
+
+def has_torch_grouped_mm() -> bool:
+    """Whether this torch has the grouped GEMM op (``torch._grouped_mm``, torch >= 2.8)."""
+    return hasattr(torch, "_grouped_mm")
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    ``torch._grouped_mm``'s own backward rejects an expanded incoming gradient (``y.sum()``
+    gives one with stride 0: "Invalid strides/sizes"), so the output passes through here.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def _pad_last(t: Tensor, size: int) -> Tensor:
+    return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
+
+
+def aligned_size(n: int, dtype: torch.dtype, align_bytes: int) -> int:
+    """Smallest m >= n with m * itemsize a multiple of ``align_bytes`` (grouped GEMM stride rule)."""
+    per = max(1, align_bytes // torch.empty((), dtype=dtype).element_size())
+    return -(-n // per) * per
+
+
+def grouped_mm_torch(x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor, align_bytes: int = 16) -> Tensor:
+    """``torch._grouped_mm`` with int32 offsets from a device-side cumsum: no host sync.
+
+    The GEMM kernels need every stride to be a multiple of 16 bytes, so D and F are padded
+    with zeros up to the next aligned size when they are not (zero columns of x times zero
+    rows of w add nothing; padded output columns are sliced off). Autograd runs through
+    torch's own derivative of the op, the pads and the slice.
+    """
+    check_grouped_mm_args(x_TD, w_EDF, counts_E)
+    E, D, F = w_EDF.shape
+    Dp, Fp = aligned_size(D, x_TD.dtype, align_bytes), aligned_size(F, x_TD.dtype, align_bytes)
+    if Dp != D:
+        x_TD = _pad_last(x_TD, Dp)
+        w_EDF = torch.nn.functional.pad(w_EDF, (0, 0, 0, Dp - D))
+    w_EDF = _pad_last(w_EDF, Fp)
+    # A fresh contiguous copy also puts the data pointer on an aligned address.
+    x_TD = x_TD.contiguous() if x_TD.data_ptr() % align_bytes == 0 else x_TD.clone()
+    w_EDF = w_EDF.contiguous() if w_EDF.data_ptr() % align_bytes == 0 else w_EDF.clone()
+    y_TF = torch._grouped_mm(x_TD, w_EDF, offs=offsets_from_counts(counts_E))
+    y_TF = _ContiguousGrad.apply(y_TF)
+    return y_TF if Fp == F else y_TF[:, :F]
+
+
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def torch_grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs and is right for ``dtype`` on ``device`` (probed once).
+
+    Which dtypes and devices the op supports moved between torch releases (bf16 only on
+    early versions, fp32 later, a CPU kernel later still), so a backend asks the op itself:
+    a tiny forward + backward with an empty group, compared with the loop. The answer is
+    cached per (device, dtype); the probe reads one value back to the host, once.
+    """
+    key = (str(device), dtype)
+    if key not in _PROBED:
+        _PROBED[key] = has_torch_grouped_mm() and _probe(device, dtype)
+    return _PROBED[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=gen).to(device, dtype).requires_grad_()
+    w = torch.randn(3, 16, 8, generator=gen).to(device, dtype).requires_grad_()
+    counts = torch.tensor([2, 0, 3], device=device)
+    try:
+        y = grouped_mm_torch(x, w, counts)
+        y.sum().backward()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    ref = grouped_mm_loop(x.detach().double().cpu(), w.detach().double().cpu(), counts.cpu())
+    tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
+    return bool(torch.allclose(y.detach().double().cpu(), ref, atol=tol, rtol=tol)) and w.grad is not None

@@ -1,0 +1,223 @@
+"""Triton kernels for the fast MoE dispatch path on CUDA (see anymoe/core/dispatch_fast.py).
+
+Three memory-bound kernels replace the chains of small torch ops around the expert GEMMs:
+
+- ``gather_rows``: out[r] = x[idx[r]]; the permute forward and the un-permute backward.
+- ``gather_sum``: out[t] = sum_k y[idx[t, k]], fp32 accumulation; the un-permute forward
+  and the permute backward (no atomics: deterministic, and no zero-fill pass).
+- ``swiglu_fwd`` / ``swiglu_bwd``: silu(gate) * up * w in one pass; the backward writes
+  d(gate), d(up) and the combine weight's gradient (a row dot product) in one pass.
+
+Each is a ``torch.library.custom_op`` (with a fake implementation), so ``torch.compile``
+treats it as one opaque node and CUDA graphs capture it: grids depend on shapes only,
+nothing is read back to the host. Importing this module registers the ops for device
+type "cuda" when Triton is importable; otherwise the pure-torch twin runs.
+
+Legend: T tokens, D model dim, F expert hidden, K top-k, R sorted rows (= T*K).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from anymoe.core.dispatch_fast import TORCH_OPS, DispatchOps, register_dispatch_ops
+
+try:  # Triton ships with CUDA builds of torch; CPU builds and other devices lack it.
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _block(n: int, cap: int) -> int:
+    return min(cap, triton.next_power_of_2(max(n, 16)))
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, D, stride_x, stride_o, BLOCK_D: tl.constexpr):
+        r = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        src = tl.load(idx_ptr + r).to(tl.int64)
+        vals = tl.load(x_ptr + src * stride_x + cols, mask=mask)
+        tl.store(out_ptr + r.to(tl.int64) * stride_o + cols, vals, mask=mask)
+
+    @triton.jit
+    def _gather_sum_kernel(
+        y_ptr, idx_ptr, out_ptr, D, stride_y, stride_o, K: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            src = tl.load(idx_ptr + t * K + k).to(tl.int64)
+            acc += tl.load(y_ptr + src * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_fwd_kernel(h_ptr, w_ptr, out_ptr, F, stride_h, stride_o, BLOCK_F: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask = cols < F
+        w = tl.load(w_ptr + r).to(tl.float32)
+        gate = tl.load(h_ptr + r * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + r * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
+        out = gate * tl.sigmoid(gate) * up * w
+        tl.store(out_ptr + r * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(
+        h_ptr, w_ptr, g_ptr, dh_ptr, dw_ptr, F, stride_h, stride_g, stride_dh,
+        BLOCK_F: tl.constexpr, N_BLOCKS: tl.constexpr,
+    ):
+        r = tl.program_id(0).to(tl.int64)
+        w = tl.load(w_ptr + r).to(tl.float32)
+        dw = tl.zeros([BLOCK_F], dtype=tl.float32)
+        for i in range(N_BLOCKS):  # a run-time bound trips Triton's CPU interpreter
+            cols = i * BLOCK_F + tl.arange(0, BLOCK_F)
+            mask = cols < F
+            gate = tl.load(h_ptr + r * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(h_ptr + r * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + r * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            d_up = g * w * silu
+            d_gate = g * w * up * sig * (1.0 + gate * (1.0 - sig))
+            dw += g * silu * up
+            tl.store(dh_ptr + r * stride_dh + cols, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_ptr + r * stride_dh + F + cols, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dw_ptr + r, tl.sum(dw, axis=0))
+
+
+# --- launchers: plain functions on any tensors Triton can address (also its CPU interpreter) ---
+
+
+def launch_gather_rows(x_ND: Tensor, idx_R: Tensor) -> Tensor:
+    R, D = idx_R.shape[0], x_ND.shape[1]
+    out = x_ND.new_empty(R, D)
+    if R and D:
+        block = _block(D, 2048)
+        grid = (R, triton.cdiv(D, block))
+        _gather_rows_kernel[grid](x_ND, idx_R, out, D, x_ND.stride(0), out.stride(0),
+                                  BLOCK_D=block, num_warps=_warps(block))
+    return out
+
+
+def launch_gather_sum(y_RD: Tensor, idx_TK: Tensor) -> Tensor:
+    (T, K), D = idx_TK.shape, y_RD.shape[1]
+    out = y_RD.new_empty(T, D)
+    if T and D:
+        block = _block(D, 2048)
+        grid = (T, triton.cdiv(D, block))
+        _gather_sum_kernel[grid](y_RD, idx_TK, out, D, y_RD.stride(0), out.stride(0),
+                                 K=K, BLOCK_D=block, num_warps=_warps(block))
+    return out
+
+
+def launch_swiglu_fwd(h_R2F: Tensor, w_R: Tensor) -> Tensor:
+    R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
+    out = h_R2F.new_empty(R, F)
+    if R and F:
+        block = _block(F, 2048)
+        grid = (R, triton.cdiv(F, block))
+        _swiglu_fwd_kernel[grid](h_R2F, w_R, out, F, h_R2F.stride(0), out.stride(0),
+                                 BLOCK_F=block, num_warps=_warps(block))
+    return out
+
+
+def launch_swiglu_bwd(h_R2F: Tensor, w_R: Tensor, g_RF: Tensor) -> tuple[Tensor, Tensor]:
+    R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
+    dh = torch.empty_like(h_R2F)
+    dw = torch.empty(R, dtype=torch.float32, device=h_R2F.device)
+    if R and F:
+        block = _block(F, 1024)
+        _swiglu_bwd_kernel[(R,)](h_R2F, w_R, g_RF, dh, dw, F, h_R2F.stride(0), g_RF.stride(0),
+                                 dh.stride(0), BLOCK_F=block, N_BLOCKS=triton.cdiv(F, block),
+                                 num_warps=_warps(block))
+    elif R:
+        dw.zero_()
+    return dh, dw
+
+
+# --- custom ops: one opaque node each for torch.compile, capturable by CUDA graphs ---
+
+if HAVE_TRITON:
+
+    @torch.library.custom_op("anymoe::gather_rows", mutates_args=(), device_types="cuda")
+    def _gather_rows_op(x: Tensor, idx: Tensor) -> Tensor:
+        return launch_gather_rows(x, idx)
+
+    @_gather_rows_op.register_fake
+    def _(x, idx):
+        return x.new_empty(idx.shape[0], x.shape[1])
+
+    @torch.library.custom_op("anymoe::gather_sum", mutates_args=(), device_types="cuda")
+    def _gather_sum_op(y: Tensor, idx: Tensor) -> Tensor:
+        return launch_gather_sum(y, idx)
+
+    @_gather_sum_op.register_fake
+    def _(y, idx):
+        return y.new_empty(idx.shape[0], y.shape[1])
+
+    @torch.library.custom_op("anymoe::swiglu_fwd", mutates_args=(), device_types="cuda")
+    def _swiglu_fwd_op(h: Tensor, w: Tensor) -> Tensor:
+        return launch_swiglu_fwd(h, w)
+
+    @_swiglu_fwd_op.register_fake
+    def _(h, w):
+        return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+    @torch.library.custom_op("anymoe::swiglu_bwd", mutates_args=(), device_types="cuda")
+    def _swiglu_bwd_op(h: Tensor, w: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        return launch_swiglu_bwd(h, w, g)
+
+    @_swiglu_bwd_op.register_fake
+    def _(h, w, g):
+        return torch.empty_like(h), h.new_empty(h.shape[0], dtype=torch.float32)
+
+
+class TritonDispatchOps(DispatchOps):
+    """The fast path's kernels in Triton; the pure-torch ops for what they do not cover."""
+
+    name = "triton"
+
+    @staticmethod
+    def _ok(*ts: Tensor) -> bool:
+        return all(t.dtype in _KERNEL_DTYPES and t.is_contiguous() for t in ts)
+
+    def gather_rows(self, x_ND: Tensor, idx_R: Tensor) -> Tensor:
+        if not self._ok(x_ND):
+            return TORCH_OPS.gather_rows(x_ND, idx_R)
+        return torch.ops.anymoe.gather_rows(x_ND, idx_R.contiguous())
+
+    def gather_sum(self, y_RD: Tensor, idx_TK: Tensor) -> Tensor:
+        if not self._ok(y_RD):
+            return TORCH_OPS.gather_sum(y_RD, idx_TK)
+        return torch.ops.anymoe.gather_sum(y_RD, idx_TK.contiguous())
+
+    def swiglu_fwd(self, h_R2F: Tensor, w_R: Tensor) -> Tensor:
+        if not self._ok(h_R2F, w_R):
+            return TORCH_OPS.swiglu_fwd(h_R2F, w_R)
+        return torch.ops.anymoe.swiglu_fwd(h_R2F, w_R)
+
+    def swiglu_bwd(self, h_R2F: Tensor, w_R: Tensor, g_RF: Tensor) -> tuple[Tensor, Tensor]:
+        if not self._ok(h_R2F, w_R, g_RF):
+            return TORCH_OPS.swiglu_bwd(h_R2F, w_R, g_RF)
+        return torch.ops.anymoe.swiglu_bwd(h_R2F, w_R, g_RF)
+
+
+TRITON_OPS = TritonDispatchOps() if HAVE_TRITON else None
+if TRITON_OPS is not None:
+    register_dispatch_ops("cuda", TRITON_OPS)
