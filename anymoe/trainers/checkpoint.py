@@ -1,0 +1,233 @@
+"""Checkpoints that survive being killed mid-write, truncated files and full disks.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    step_00000100/           one finished checkpoint
+        manifest.json        step, file names, sizes and sha256 checksums (written last)
+        model.pt             canonical (unpadded) model state dict
+        optim.pt             optimizer state, canonical shapes
+        rank00000.pt ...     per-rank state: RNG streams, data sampler, counters
+    .tmp-step_00000200/      a checkpoint being written (never read)
+
+Writing: every rank writes its files into the temp folder and fsyncs them; rank 0 hashes
+them, writes the manifest (fsync), renames the folder to its final name (an atomic rename
+on POSIX) and fsyncs the parent, then deletes checkpoints beyond ``keep_last``. A process
+killed at any moment leaves either the previous checkpoint set or the new one, never a
+half-written folder under a final name.
+
+Reading: ``latest_valid()`` walks the finished checkpoints newest first and checks each
+file's size and sha256 against the manifest; a truncated or corrupted one is reported with
+the file at fault and the next older one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file and what to do."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def probe_writable(directory: Path, need_bytes: int = 0) -> None:
+    """Fail now, before training, if ``directory`` cannot hold a checkpoint.
+
+    Writes (and fsyncs, then deletes) a probe file of ``min(need_bytes, 64 MiB)`` so a full
+    disk or a read-only mount shows up as one clear error instead of a lost checkpoint later.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot create the output directory {str(directory)!r}: {err.strerror}; "
+                              "pass a writable --out RUN_DIR") from None
+    free = shutil.disk_usage(directory).free
+    if need_bytes and free < need_bytes:
+        raise CheckpointError(
+            f"not enough disk space in {str(directory)!r}: a checkpoint needs about "
+            f"{need_bytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free; free space or pass another --out")
+    probe = directory / f".write-probe-{os.getpid()}"
+    size = min(max(need_bytes, 4096), 64 << 20)
+    try:
+        with open(probe, "wb") as fh:
+            chunk = b"\0" * min(size, 1 << 20)
+            left = size
+            while left > 0:
+                fh.write(chunk[:left])
+                left -= len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        raise CheckpointError(f"output directory {str(directory)!r} is not writable ({err.strerror}); "
+                              "fix its permissions, free disk space, or pass another --out") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointManager:
+    """Atomic, checksummed, keep-last-N checkpoints in one folder, for one or many ranks.
+
+    ``barrier`` synchronises ranks (a no-op for one process); only rank 0 renames and prunes.
+    """
+
+    def __init__(self, root: str | Path, keep_last: int = 3, rank: int = 0,
+                 barrier: Callable[[], None] | None = None, log: Callable[[str], None] | None = None) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.barrier = barrier or (lambda: None)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    # ---- writing ----
+    def save(self, step: int, files: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
+        """Write this rank's ``files`` (name -> object for torch.save) as checkpoint ``step``.
+
+        Every rank calls this with its own files; names must differ between ranks.
+        """
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # the remains of a write that was killed
+            tmp.mkdir()
+        self.barrier()
+        try:
+            for name, obj in files.items():
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                with open(tmp / name, "wb") as fh:
+                    fh.write(buf.getbuffer())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except OSError as err:
+            raise CheckpointError(f"writing checkpoint {final} failed ({err.strerror}); the previous "
+                                  "checkpoint is intact; free disk space and resume with --resume") from None
+        self.barrier()
+        if self.rank == 0:
+            entries = {}
+            for path in sorted(tmp.iterdir()):
+                entries[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            manifest = {"step": step, "files": entries, "meta": meta or {}}
+            write_bytes_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving a step (e.g. after a rollback): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for old in self.finished()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---- reading ----
+    def finished(self) -> list[Path]:
+        """Finished checkpoint folders, oldest first (validity not checked)."""
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    @staticmethod
+    def verify(path: Path) -> str | None:
+        """None when the checkpoint is complete and intact, else what is wrong with it."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return f"{manifest_path} is missing (the write did not finish)"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+        except (ValueError, KeyError, TypeError) as err:
+            return f"{manifest_path} is unreadable ({err})"
+        for name, entry in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{f} is missing"
+            size = f.stat().st_size
+            if size != entry["bytes"]:
+                return f"{f} is truncated or altered ({size} bytes, manifest says {entry['bytes']})"
+            if _sha256(f) != entry["sha256"]:
+                return f"{f} is corrupted (sha256 does not match the manifest)"
+        return None
+
+    def latest_valid(self) -> Path | None:
+        """The newest intact checkpoint; corrupt ones are reported and skipped."""
+        for path in reversed(self.finished()):
+            problem = self.verify(path)
+            if problem is None:
+                return path
+            self.log(f"checkpoint {path.name} is not usable: {problem}; falling back to an older one")
+        return None
+
+    @staticmethod
+    def manifest(path: Path) -> dict[str, Any]:
+        return json.loads((path / MANIFEST).read_text())
+
+    @staticmethod
+    def load(path: Path, name: str) -> Any:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing from the checkpoint; it was written by a run with "
+                                  "another layout (world size?); resume with the same --nproc")
+        # weights_only: the files hold tensors and plain containers only, never pickled code.
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+__all__ = ["CheckpointError", "CheckpointManager", "probe_writable", "step_dir_name", "write_bytes_atomic"]

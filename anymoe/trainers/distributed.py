@@ -1,0 +1,95 @@
+"""Process start-up for multi-process training: torchrun's environment, or `--nproc N`.
+
+Under torchrun (or its elastic agent) the ranks come from RANK / WORLD_SIZE / LOCAL_RANK and
+the rendezvous from MASTER_ADDR / MASTER_PORT. ``anymoe train --nproc N`` does not start
+processes itself: it re-runs the same command under ``torch.distributed.run`` (torchrun)
+with ``--standalone --nproc_per_node N``, so there is one launcher, PyTorch's.
+
+The process group uses the backend's collective library (``backend.dist_backend``: gloo on
+the CPU); a world of one process creates no group at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    restart_count: int = 0  # torchrun's elastic restarts so far
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor, group=None) -> torch.Tensor:
+        """In-place sum over ``group`` (default: all ranks); a no-op for one process."""
+        if self.initialized:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor, group=None) -> torch.Tensor:
+        if self.initialized:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+        return tensor
+
+
+def env_from_launcher() -> DistEnv:
+    """Ranks set by torchrun (or defaults for one process)."""
+    try:
+        return DistEnv(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                       local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                       restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    except ValueError as err:
+        raise RuntimeError(f"malformed torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {err}") from None
+
+
+def init_distributed(backend, timeout_s: float = 300.0) -> DistEnv:
+    """Join the process group of this job with the backend's collective library."""
+    env = env_from_launcher()
+    if env.world_size > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: start with torchrun or "
+                               "`anymoe train --nproc N`")
+        kwargs = {}
+        if backend.device_type != "cpu":
+            kwargs["device_id"] = backend.device(env.local_rank)
+        dist.init_process_group(backend=backend.dist_backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
+    """Run ``anymoe <argv>`` under torchrun with ``nproc`` local processes; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "anymoe", *argv]
+    env = dict(os.environ)
+    # Two or more ranks on a few cores: one thread each unless the user chose otherwise.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+__all__ = ["DistEnv", "env_from_launcher", "init_distributed", "relaunch", "shutdown"]

@@ -1,0 +1,119 @@
+"""AdamW and the learning-rate schedules (cosine, WSD, constant).
+
+Schedules are pure functions of the step (``lr_at(step)``), so a resumed run needs only the
+step number to continue the same curve; the scheduler's "state" in a checkpoint is that step.
+
+- cosine: linear warmup to ``lr``, then half a cosine down to ``min_lr``.
+- wsd (warmup-stable-decay, MiniCPM / DeepSeek-V3's two-stage recipe): linear warmup, a
+  constant stage at ``lr``, then a decay over the last ``decay_fraction`` of the steps down
+  to ``min_lr`` (linear, cosine or 1-sqrt shape).
+- constant: linear warmup then ``lr``.
+
+AdamW runs fused where the backend's device type has a fused kernel in this torch build
+(asked of the backend first, then of torch's own list), else the foreach implementation.
+Norm weights, biases and 1-d parameters get no weight decay (the GPT-2/Llama convention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from anymoe.core.config import ConfigError, param
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = param(3e-3, gt=0, le=1.0, doc="peak learning rate")
+    min_lr: float = param(3e-4, ge=0, doc="final learning rate of the decay")
+    weight_decay: float = param(0.1, ge=0, le=1.0, doc="AdamW decoupled weight decay")
+    beta1: float = param(0.9, ge=0, lt=1.0, doc="AdamW beta1")
+    beta2: float = param(0.95, ge=0, lt=1.0, doc="AdamW beta2")
+    eps: float = param(1e-8, gt=0, le=1e-2, doc="AdamW epsilon")
+    grad_clip: float = param(1.0, ge=0, doc="clip the global grad norm to this (0: off)")
+    schedule: Literal["cosine", "wsd", "constant"] = param("cosine", doc="learning-rate schedule")
+    warmup_steps: int = param(10, ge=0, doc="linear warmup steps")
+    decay_fraction: float = param(0.2, gt=0, le=1.0, doc="wsd: share of the steps spent decaying")
+    decay_shape: Literal["linear", "cosine", "sqrt"] = param("linear", doc="wsd: shape of the decay")
+    fused: Literal["auto", "on", "off"] = param("auto", doc="fused AdamW kernel: auto asks the backend")
+
+    def validate(self) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"must be <= optim.lr ({self.lr}); got {self.min_lr}; "
+                                        "lower min_lr or raise lr")
+
+
+class LRSchedule:
+    """``lr_at(step)`` for step = 0, 1, ... (the step about to be taken)."""
+
+    def __init__(self, cfg: OptimConfig, total_steps: int) -> None:
+        self.cfg = cfg
+        self.total = max(1, total_steps)
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return c.lr
+        if c.schedule == "cosine":
+            span = max(1, self.total - c.warmup_steps)
+            progress = min(1.0, (step - c.warmup_steps) / span)
+            return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + math.cos(math.pi * progress))
+        # wsd
+        decay_steps = max(1, round(c.decay_fraction * self.total))
+        decay_start = max(c.warmup_steps, self.total - decay_steps)
+        if step < decay_start:
+            return c.lr
+        progress = min(1.0, (step - decay_start) / max(1, self.total - decay_start))
+        if c.decay_shape == "linear":
+            frac = 1.0 - progress
+        elif c.decay_shape == "cosine":
+            frac = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:  # "1 - sqrt" (Hägele et al. 2024, scaling laws beyond fixed training durations)
+            frac = 1.0 - math.sqrt(progress)
+        return c.min_lr + (c.lr - c.min_lr) * frac
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+
+def fused_supported(backend) -> bool:
+    """Whether AdamW has a fused kernel for the backend's device type in this torch build."""
+    answer = getattr(backend, "supports_fused_optimizer", None)
+    if answer is not None:
+        return bool(answer() if callable(answer) else answer)
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return backend.device_type in _get_fused_kernels_supported_devices()
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    lowered = name.lower()
+    return p.ndim < 2 or "norm" in lowered or lowered.endswith(".bias") or "embed" in lowered
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, backend) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, no decay on norms/biases/embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    fused = cfg.fused == "on" or (cfg.fused == "auto" and fused_supported(backend))
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+__all__ = ["LRSchedule", "OptimConfig", "build_optimizer", "fused_supported"]
