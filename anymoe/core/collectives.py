@@ -1,0 +1,355 @@
+"""Collectives over named process groups: one torch.distributed implementation for every backend.
+
+Expert parallelism moves tokens between ranks and needs gradients to flow back the same way,
+so the ops the MoE uses are autograd-aware:
+
+- ``all_to_all(x, group, output_splits, input_splits)``: uneven splits along dim 0; its
+  backward is the reverse all-to-all (splits swapped).
+- ``all_gather(x, group, sizes=...)``: concatenation of every rank's rows (uneven allowed);
+  backward is the reduce-scatter (sum) of the gradient, because every rank's loss used every
+  rank's rows.
+- ``reduce_scatter(x, group, sizes=...)``: sum over ranks, each rank keeps its slice;
+  backward is the all-gather of the gradient.
+- ``all_reduce(x, group, op, differentiable=True)``: a sum whose every rank's result feeds that
+  rank's loss; backward is the all-reduce (sum) of the gradient.
+
+``broadcast``, ``barrier`` and the in-place ``all_reduce_`` (gradient sync) carry no gradient.
+
+A :class:`Group` is a frozen record (name, global ranks, this rank's index, process group).
+A group of one process is the identity for every op: it needs no process group and no
+``init_process_group`` at all, so single-process training runs the same code.
+
+What torch.distributed backends really support (checked with gloo on torch 2.13): all_reduce
+(SUM/MAX/MIN; AVG is not in every gloo release, so "avg" is SUM then a division everywhere),
+all_gather_into_tensor and reduce_scatter_tensor with equal sizes, all_to_all_single with
+uneven splits (also bf16). Gloo rejects uneven list all_gather and uneven list all_to_all.
+So the uneven all_gather / reduce_scatter here pad every rank's rows to the largest count,
+run the equal-size collective and trim: the same semantics on every backend. A backend whose
+library lacks one of the primitives registers a :class:`CollectiveOps` subclass for its
+torch.distributed backend name with :func:`register_collective_ops`; everything above the
+primitives is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ReduceOpName = Literal["sum", "avg", "max", "min"]
+_TORCH_OPS = {"sum": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN"}
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named set of ranks that communicate; ``pg`` is None only for a group of one."""
+
+    name: str
+    ranks: tuple[int, ...]  # global ranks, in group order
+    index: int  # this process's position in ``ranks``
+    pg: Any = None  # torch.distributed ProcessGroup (None when size == 1)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank inside the group (same as ``index``)."""
+        return self.index
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.index < len(self.ranks), (self.index, self.ranks)
+        assert self.pg is not None or len(self.ranks) == 1, f"group {self.name} has no process group"
+
+
+def single_group(name: str = "world", global_rank: int = 0) -> Group:
+    """A group of one process: every collective over it is the identity."""
+    return Group(name, (global_rank,), 0, None)
+
+
+def world_group() -> Group:
+    """The default group of the running world, or a group of one when torch.distributed is off."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return single_group("world", rank)
+    world = dist.get_world_size()
+    return Group("world", tuple(range(world)), dist.get_rank(), dist.group.WORLD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives: the only place that calls torch.distributed. A backend may override any of them.
+# ---------------------------------------------------------------------------------------------
+
+
+class CollectiveOps:
+    """The equal-size / in-place primitives every op below is built from."""
+
+    def all_reduce_(self, x: Tensor, group: Group, op: ReduceOpName) -> Tensor:
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, _TORCH_OPS[op]), group=group.pg)
+        if op == "avg":
+            x.div_(group.size)
+        return x
+
+    def all_gather_equal(self, x: Tensor, group: Group) -> Tensor:
+        """[n, ...] on every rank -> [size * n, ...], rank order."""
+        out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group.pg)
+        return out
+
+    def reduce_scatter_equal(self, x: Tensor, group: Group) -> Tensor:
+        """[size * n, ...] on every rank -> [n, ...]: the sum over ranks of this rank's slice."""
+        out = x.new_empty((x.shape[0] // group.size, *x.shape[1:]))
+        dist.reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group.pg)
+        return out
+
+    def all_to_all_single(self, x: Tensor, group: Group, output_splits: list[int],
+                          input_splits: list[int]) -> Tensor:
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group.pg)
+        return out
+
+    def broadcast_(self, x: Tensor, group: Group, src: int) -> Tensor:
+        dist.broadcast(x, src=group.ranks[src], group=group.pg)
+        return x
+
+    def barrier(self, group: Group) -> None:
+        dist.barrier(group=group.pg)
+
+
+_OPS: dict[str, Callable[[], CollectiveOps]] = {}
+_DEFAULT_OPS = CollectiveOps()
+
+
+def register_collective_ops(dist_backend: str) -> Callable[[type[CollectiveOps]], type[CollectiveOps]]:
+    """Class decorator: use this CollectiveOps subclass for groups of ``dist_backend``."""
+
+    def add(cls: type[CollectiveOps]) -> type[CollectiveOps]:
+        if dist_backend in _OPS:
+            raise ValueError(f"collective ops for {dist_backend!r} are registered twice")
+        _OPS[dist_backend] = cls
+        return cls
+
+    return add
+
+
+def _ops(group: Group) -> CollectiveOps:
+    if _OPS:
+        name = str(dist.get_backend(group.pg))
+        if name in _OPS:
+            return _OPS[name]()
+    return _DEFAULT_OPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for uneven sizes (pad to the largest, run the equal-size op, trim).
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))], dim=0)
+
+
+def _gather_uneven(x: Tensor, group: Group, sizes: Sequence[int]) -> Tensor:
+    biggest = max(sizes)
+    padded = _ops(group).all_gather_equal(_pad_rows(x, biggest), group)
+    if all(s == biggest for s in sizes):
+        return padded
+    pieces = padded.split(biggest, dim=0)
+    return torch.cat([p[:s] for p, s in zip(pieces, sizes)], dim=0)
+
+
+def _scatter_uneven(x: Tensor, group: Group, sizes: Sequence[int]) -> Tensor:
+    biggest = max(sizes)
+    if any(s != biggest for s in sizes):
+        x = torch.cat([_pad_rows(p, biggest) for p in x.split(list(sizes), dim=0)], dim=0)
+    return _ops(group).reduce_scatter_equal(x, group)[: sizes[group.index]]
+
+
+def _along(x: Tensor, dim: int) -> Tensor:
+    return x if dim == 0 else x.movedim(dim, 0)
+
+
+def _back(x: Tensor, dim: int) -> Tensor:
+    return x if dim == 0 else x.movedim(0, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd functions.
+# ---------------------------------------------------------------------------------------------
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group, output_splits: list[int], input_splits: list[int]) -> Tensor:
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        return _ops(group).all_to_all_single(x, group, output_splits, input_splits)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # The rows this rank received from rank j go back to rank j: splits swap.
+        g = _ops(ctx.group).all_to_all_single(grad.contiguous(), ctx.group, ctx.input_splits,
+                                              ctx.output_splits)
+        return g, None, None, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group, sizes: list[int]) -> Tensor:
+        ctx.group, ctx.sizes = group, sizes
+        return _gather_uneven(x, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _scatter_uneven(grad.contiguous(), ctx.group, ctx.sizes), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group, sizes: list[int]) -> Tensor:
+        ctx.group, ctx.sizes = group, sizes
+        return _scatter_uneven(x, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _gather_uneven(grad.contiguous(), ctx.group, ctx.sizes), None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group) -> Tensor:
+        ctx.group = group
+        return _ops(group).all_reduce_(x.clone(), group, "sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _ops(ctx.group).all_reduce_(grad.clone(), ctx.group, "sum"), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------------------------
+
+
+def all_reduce(x: Tensor, group: Group, op: ReduceOpName = "sum", differentiable: bool = False) -> Tensor:
+    """A new tensor holding the reduction of ``x`` over the group.
+
+    ``differentiable`` (op "sum" or "avg" only): the result feeds every rank's loss, so the
+    gradient of ``x`` is the sum (for avg: the mean) of every rank's gradient.
+    """
+    if group.size == 1:
+        return x if differentiable else x.clone()
+    if differentiable:
+        if op not in ("sum", "avg"):
+            raise ValueError(f"a differentiable all_reduce supports 'sum' and 'avg', not {op!r}")
+        out = _AllReduceSum.apply(x, group)
+        return out / group.size if op == "avg" else out
+    return _ops(group).all_reduce_(x.detach().clone(), group, op)
+
+
+def all_reduce_(x: Tensor, group: Group, op: ReduceOpName = "sum") -> Tensor:
+    """In-place reduction (gradient buffers, statistics); no autograd."""
+    if group.size == 1:
+        return x
+    return _ops(group).all_reduce_(x, group, op)
+
+
+def gather_sizes(n: int, group: Group, device: torch.device | None = None) -> list[int]:
+    """Every rank's ``n`` (e.g. its token count), in group order."""
+    if group.size == 1:
+        return [n]
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    return _ops(group).all_gather_equal(t, group).tolist()
+
+
+def all_gather(x: Tensor, group: Group, dim: int = 0, sizes: Sequence[int] | None = None) -> Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in group order; differentiable.
+
+    ``sizes``: each rank's length along ``dim`` when they differ (None: all equal; learn
+    unknown ones with :func:`gather_sizes`). Backward: the gradient of this rank's slice
+    summed over all ranks.
+    """
+    if group.size == 1:
+        return x
+    xs = _along(x, dim)
+    sizes = [xs.shape[0]] * group.size if sizes is None else list(sizes)
+    assert sizes[group.index] == xs.shape[0], (sizes, xs.shape, group.index)
+    return _back(_AllGather.apply(xs.contiguous(), group, sizes), dim)
+
+
+def all_gather_list(x: Tensor, group: Group, dim: int = 0,
+                    sizes: Sequence[int] | None = None) -> list[Tensor]:
+    """Every rank's ``x`` as a list in group order (uneven sizes allowed); differentiable."""
+    if group.size == 1:
+        return [x]
+    sizes = [_along(x, dim).shape[0]] * group.size if sizes is None else list(sizes)
+    return list(all_gather(x, group, dim, sizes).split(sizes, dim=dim))
+
+
+def reduce_scatter(x: Tensor, group: Group, dim: int = 0, sizes: Sequence[int] | None = None) -> Tensor:
+    """Sum ``x`` over the group; this rank keeps its slice along ``dim``; differentiable.
+
+    ``sizes``: the slice length of each rank (None: ``x.shape[dim] / size`` each).
+    """
+    if group.size == 1:
+        return x
+    xs = _along(x, dim)
+    if sizes is None:
+        if xs.shape[0] % group.size:
+            raise ValueError(f"reduce_scatter of {xs.shape[0]} rows over {group.size} ranks needs sizes=")
+        sizes = [xs.shape[0] // group.size] * group.size
+    sizes = list(sizes)
+    assert sum(sizes) == xs.shape[0], (sizes, xs.shape)
+    return _back(_ReduceScatter.apply(xs.contiguous(), group, sizes), dim)
+
+
+def all_to_all(x: Tensor, group: Group, output_splits: Sequence[int] | None = None,
+               input_splits: Sequence[int] | None = None) -> Tensor:
+    """Rows ``input_splits[j]`` of ``x`` go to rank j; rows from rank j arrive in order.
+
+    Uneven splits allowed (None: equal). Differentiable: backward sends every gradient row
+    back to the rank it came from.
+    """
+    if group.size == 1:
+        return x
+    n = x.shape[0]
+    if input_splits is None:
+        assert n % group.size == 0, (n, group.size)
+        input_splits = [n // group.size] * group.size
+    if output_splits is None:
+        output_splits = list(input_splits) if len(set(input_splits)) == 1 else None
+        assert output_splits is not None, "uneven all_to_all needs output_splits (see exchange_splits)"
+    return _AllToAll.apply(x, group, list(output_splits), list(input_splits))
+
+
+def exchange_splits(input_splits_P: Tensor, group: Group) -> Tensor:
+    """Given how many rows this rank sends to each rank, how many it receives from each."""
+    if group.size == 1:
+        return input_splits_P
+    return _ops(group).all_to_all_single(input_splits_P.contiguous(), group, [1] * group.size,
+                                         [1] * group.size)
+
+
+def broadcast(x: Tensor, group: Group, src: int = 0) -> Tensor:
+    """A new tensor: group member ``src``'s ``x`` on every rank (same shape everywhere)."""
+    if group.size == 1:
+        return x.clone()
+    return _ops(group).broadcast_(x.detach().clone().contiguous(), group, src)
+
+
+def barrier(group: Group) -> None:
+    if group.size > 1:
+        _ops(group).barrier(group)
+
+
+__all__ = [
+    "CollectiveOps", "Group", "all_gather", "all_gather_list", "all_reduce", "all_reduce_", "all_to_all",
+    "barrier", "broadcast", "exchange_splits", "gather_sizes", "reduce_scatter", "register_collective_ops",
+    "single_group", "world_group",
+]
