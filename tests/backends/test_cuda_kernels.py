@@ -1,0 +1,155 @@
+"""Triton kernels of the fast dispatch path, on a CUDA device, against float64 references.
+
+Run on the GPU machine: ``python -m pytest -m gpu tests/backends/test_cuda_kernels.py``.
+"""
+
+import pytest
+import torch
+
+from anymoe.core import dispatch_fast as dfast
+from anymoe.core.grouped_mm import grouped_mm_loop
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
+ck = pytest.importorskip("anymoe.backends.cuda_kernels")
+if not ck.HAVE_TRITON:
+    pytest.skip("needs Triton (not importable here)", allow_module_level=True)
+
+DEV = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty():
+    """Fill every torch.empty with NaN, so an element a kernel forgets to write fails the check."""
+    old = torch.utils.deterministic.fill_uninitialized_memory
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = old
+    torch.use_deterministic_algorithms(was)
+
+
+def _rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten element?)"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _ids(T, K, E, gen, skew=0.0):
+    logits = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    if skew:
+        logits -= skew * torch.log(torch.arange(1, E + 1, dtype=torch.float64))
+    return logits.topk(K, dim=-1).indices
+
+
+def test_ops_registered_for_cuda():
+    assert dfast.dispatch_ops_for(torch.empty(1, device=DEV)) is ck.TRITON_OPS
+
+
+@pytest.mark.parametrize("D", [64, 100, 2048, 4096 + 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gather_and_gather_sum(D, dtype):
+    T, K, E = 300, 3, 9
+    gen = torch.Generator().manual_seed(D)
+    index = dfast.build_route_index(_ids(T, K, E, gen).to(DEV), E)
+    x64 = torch.randn(T, D, generator=gen, dtype=torch.float64)
+    y64 = torch.randn(T * K, D, generator=gen, dtype=torch.float64)
+    src, pos = index.src_token_R.cpu(), index.sorted_pos_TK.cpu()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    got = ck.TRITON_OPS.gather_rows(x64.to(dtype).to(DEV), index.src_token_R)
+    assert _rel(got, x64[src]) < tol
+    got = ck.TRITON_OPS.gather_sum(y64.to(dtype).to(DEV), index.sorted_pos_TK)
+    assert _rel(got, y64[pos.reshape(-1)].view(T, K, D).sum(1)) < tol
+
+
+@pytest.mark.parametrize("F", [48, 1408, 2816 + 16])
+def test_swiglu_weighted_kernels(F):
+    R = 513
+    gen = torch.Generator().manual_seed(F)
+    h64 = torch.randn(R, 2 * F, generator=gen, dtype=torch.float64) * 2
+    w64 = torch.rand(R, generator=gen, dtype=torch.float64)
+    g64 = torch.randn(R, F, generator=gen, dtype=torch.float64)
+    ref_h, ref_w = h64.clone().requires_grad_(), w64.clone().requires_grad_()
+    ref = torch.nn.functional.silu(ref_h[:, :F]) * ref_h[:, F:] * ref_w[:, None]
+    (ref * g64).sum().backward()
+    h = h64.to(torch.bfloat16).to(DEV).requires_grad_()
+    w = w64.float().to(DEV).requires_grad_()
+    out = dfast.swiglu_weighted(h, w)
+    (out.double() * g64.to(DEV)).sum().backward()
+    assert _rel(out, ref) < 1e-2
+    assert _rel(h.grad, ref_h.grad) < 1e-2
+    assert _rel(w.grad, ref_w.grad) < 1e-2
+
+
+def _problem(T, K, E, D, Fh, skew, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = _ids(T, K, E, gen, skew)
+    leaves = {
+        "x": torch.randn(T, D, generator=gen, dtype=torch.float64),
+        "w": torch.softmax(torch.randn(T, K, generator=gen, dtype=torch.float64), -1),
+        "w13": torch.randn(E, D, 2 * Fh, generator=gen, dtype=torch.float64) / D**0.5,
+        "w2": torch.randn(E, Fh, D, generator=gen, dtype=torch.float64) / Fh**0.5,
+    }
+    return ids, leaves, torch.randn(T, D, generator=gen, dtype=torch.float64)
+
+
+def _grouped_mm():
+    from anymoe.core import grouped_mm as gmm
+
+    return getattr(gmm, "grouped_mm_torch", None) or grouped_mm_loop
+
+
+@pytest.mark.parametrize("skew", [0.0, 5.0])
+def test_fast_path_matches_float64_loop(skew):
+    T, K, E, D, Fh = 96, 4, 8, 64, 48
+    ids, leaves, g = _problem(T, K, E, D, Fh, skew, seed=int(skew) + 1)
+    ref = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+    out_ref = dfast.moe_ffn_reference(ref["x"], ids, ref["w"], ref["w13"], ref["w2"])
+    (out_ref * g).sum().backward()
+    dts = {"w": torch.float32}
+    got = {k: v.to(DEV, dts.get(k, torch.bfloat16)).requires_grad_() for k, v in leaves.items()}
+    out = dfast.moe_ffn_fast(got["x"], ids.to(DEV), got["w"], got["w13"], got["w2"], _grouped_mm())
+    (out.double() * g.to(DEV)).sum().backward()
+    assert _rel(out, out_ref) < 2e-2
+    for k in leaves:
+        assert _rel(got[k].grad, ref[k].grad) < 2e-2, k
+
+
+def _fast_step(x, ids, w, w13, w2, g, gmm):
+    out = dfast.moe_ffn_fast(x, ids, w, w13, w2, gmm)
+    return torch.autograd.grad((out * g).sum(), (x, w, w13, w2))
+
+
+def test_torch_compile_and_cuda_graph_match_eager():
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.use_deterministic_algorithms(False)
+    T, K, E, D, Fh = 256, 2, 8, 128, 64
+    ids, leaves, g = _problem(T, K, E, D, Fh, 0.0, seed=5)
+    dt = {"w": torch.float32}
+    args = [leaves[k].to(DEV, dt.get(k, torch.bfloat16)).requires_grad_() for k in ("x", "w", "w13", "w2")]
+    ids, g = ids.to(DEV), g.to(DEV, torch.bfloat16)
+    gmm = _grouped_mm()
+    eager = _fast_step(args[0], ids, *args[1:], g, gmm)
+    compiled = torch.compile(_fast_step)(args[0], ids, *args[1:], g, gmm)
+    for a, b in zip(compiled, eager):
+        assert _rel(a, b) < 1e-2
+    # CUDA graph: capture once, then replay on new routing copied into the static inputs.
+    static_ids = ids.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            _fast_step(args[0], static_ids, *args[1:], g, gmm)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _fast_step(args[0], static_ids, *args[1:], g, gmm)
+    new_ids, _, _ = _problem(T, K, E, D, Fh, 4.0, seed=6)
+    static_ids.copy_(new_ids.to(DEV))
+    graph.replay()
+    fresh = _fast_step(args[0], static_ids.clone(), *args[1:], g, gmm)
+    for a, b in zip(static_out, fresh):
+        assert _rel(a, b) < 1e-2
