@@ -1,0 +1,28 @@
+"""Backend parametrisation: every registered backend, skipped with its own reason when absent.
+
+A backend's tests carry its marker (``gpu`` for cuda, ``npu`` for npu) so the default CPU
+run deselects them; ci/gpu_conformance.sh runs with ``-m 'not slow'`` to include them.
+"""
+
+import pytest
+
+from anymoe.core.backend import create_backend, probe_backends
+
+MARKS = {"cuda": [pytest.mark.gpu], "npu": [pytest.mark.npu]}
+
+
+def backend_params() -> list:
+    params = []
+    for name, status in probe_backends().items():
+        marks = list(MARKS.get(name, []))
+        if not status.ok:
+            marks.append(pytest.mark.skip(reason=f"backend {name!r} not usable here: {status.reason}"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    b = create_backend(request.param)
+    yield b
+    b.set_deterministic(False)
