@@ -19,6 +19,16 @@ from anymoe.core.moe import MoEAux, MoEConfig, MoELayer, moe_stats
 from anymoe.core.sizing import POW2, ExpertSizingPolicy
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a shared 2-core box: OpenMP threads spin against each other (30 ms per
+    # 30x16 @ 16x4 with 2 threads under load, 3 us with one).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_cfg(**kw) -> MoEConfig:
     base = {"num_experts": 6, "top_k": 2, "expert_hidden": 5}
     base.update(kw)
