@@ -1,0 +1,8 @@
+"""anymoe.models: the MoE decoder, its presets, checkpoint IO (anymoe and Hugging Face), upcycling,
+ONNX export and generation. Heavy parts (transformers, onnx) load only when used."""
+
+from anymoe.models.config import MLAConfig, ModelConfig
+from anymoe.models.presets import PRESETS, preset, preset_data
+from anymoe.models.transformer import ModelOutput, MoETransformer
+
+__all__ = ["MLAConfig", "ModelConfig", "ModelOutput", "MoETransformer", "PRESETS", "preset", "preset_data"]
