@@ -216,6 +216,76 @@ def time_dense_floor(s, dev, dtype, iters, warmup, sync):
     return _time_plain(six, iters, warmup, sync)
 
 
+def time_dense_mlp(s, dev, dtype, iters, warmup, sync):
+    """A dense SwiGLU MLP on all T*k rows, fwd+bwd through autograd: the floor's GEMMs plus
+    the activation an MoE cannot avoid either."""
+    R = s.T * s.k
+    g = torch.Generator(device=dev).manual_seed(2)
+    mk = lambda *shape: torch.randn(*shape, device=dev, dtype=dtype, generator=g)  # noqa: E731
+    x = mk(R, s.d).requires_grad_()
+    w13 = (mk(s.d, 2 * s.f) / math.sqrt(s.d)).requires_grad_()
+    w2 = (mk(s.f, s.d) / math.sqrt(s.f)).requires_grad_()
+    gy = mk(R, s.d)
+
+    def fn(x):
+        gate, up = (x @ w13).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w2
+
+    return time_fwd_bwd(fn, x, gy, [w13, w2], iters, warmup, sync)
+
+
+def time_graphed(fwd, p, params, iters, warmup, sync):
+    """fwd+bwd captured once as a CUDA graph, timed over replays: the GPU time without the
+    host's launch overhead (what torch.compile(mode="reduce-overhead") would reach)."""
+    x = p["x"].clone().requires_grad_()
+    leaves = [x, *params]
+
+    def step():
+        return torch.autograd.grad(fwd(x), leaves, p["gy"])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return _time_plain(graph.replay, iters, warmup, sync)
+
+
+def host_ms(fwd, p, params, iters=10):
+    """Host time to issue one fwd+bwd (no sync inside): above the GPU time means launch-bound."""
+    x = p["x"].clone().requires_grad_()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.autograd.grad(fwd(x), [x, *params], p["gy"])
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def profile_table(fwd, p, params, path, rows=18):
+    """Kernel-level profile of a few fwd+bwd iterations; the table is written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = p["x"].clone().requires_grad_()
+    for _ in range(2):
+        torch.autograd.grad(fwd(x), [x, *params], p["gy"])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            torch.autograd.grad(fwd(x), [x, *params], p["gy"])
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    with open(path, "a") as fh:
+        fh.write(table + "\n")
+    return table
+
+
 def time_grouped(s, p, ids, gmm, iters, warmup, sync):
     """The two grouped GEMMs fwd+bwd on pre-sorted rows (the gradient each one receives is
     random: this times the GEMMs alone, not the activation between them)."""
@@ -301,12 +371,14 @@ def run(args):
         s = SHAPES[name]
         iters = args.iters if s.name != "A" else max(10, args.iters // 2)
         floor = time_dense_floor(s, dev, dtype, iters, args.warmup, sync)
+        mlp = time_dense_mlp(s, dev, dtype, iters, args.warmup, sync)
         for routing in args.routing:
             p = make_problem(s, routing, dev, dtype)
             ids, w = route(p["x"], p["wr"], s.k)
             load = torch.bincount(ids.flatten(), minlength=s.E).float()
             ref_out, ref_grads = reference(p, ids, w)
-            row = {"config": asdict(s), "routing": routing, "dense_floor_ms": floor[0], "variants": {},
+            row = {"config": asdict(s), "routing": routing, "dense_floor_ms": floor[0],
+                   "dense_mlp_ms": mlp[0], "variants": {},
                    "max_over_mean_load": float(load.max() / load.mean())}
             row["variants"]["grouped_gemms"] = _entry(time_grouped(s, p, ids, gmm, iters, args.warmup, sync),
                                                       s, floor, None)
@@ -325,6 +397,14 @@ def run(args):
                 x = p["x"].clone().requires_grad_()
                 timing = time_fwd_bwd(fwd, x, p["gy"], list(params.values()), n, args.warmup, sync)
                 row["variants"][vname] = _entry(timing, s, floor, errs)
+                if vname in ("anymoe_fast", "hf_block") and dev.type == "cuda":
+                    plist = list(params.values())
+                    row["variants"][vname]["host_issue_ms"] = host_ms(fwd, p, plist)
+                    if vname == "anymoe_fast":
+                        row["variants"]["anymoe_fast_graph"] = _entry(
+                            time_graphed(fwd, p, plist, iters, args.warmup, sync), s, floor, None)
+                    if args.profile and routing == "balanced":
+                        profile_table(fwd, p, plist, args.profile + f".{s.name}.{vname}.txt")
                 del params, fwd, experts
                 torch.cuda.empty_cache()
             if "anymoe_layer" in args.variants:
@@ -348,7 +428,7 @@ def run(args):
 
 def _entry(timing, s, floor, errs):
     med, lo, hi = timing
-    e = {"median_ms": med, "min_ms": lo, "max_ms": hi, "x_floor": med / floor[0],
+    e = {"median_ms": med, "min_ms": lo, "max_ms": hi, "x_floor": med / floor[0],  # GEMM-only floor
          "tflops": s.flops / (med * 1e-3) / 1e12}
     if errs is not None:
         e["rel_err"] = errs
@@ -358,15 +438,17 @@ def _entry(timing, s, floor, errs):
 def _print_row(row):
     c = row["config"]
     print(f"\n[{c['name']} {row['routing']}] d={c['d']} f={c['f']} E={c['E']} k={c['k']} T={c['T']} "
-          f"load max/mean={row['max_over_mean_load']:.2f} dense floor {row['dense_floor_ms']:.3f} ms")
+          f"load max/mean={row['max_over_mean_load']:.2f} dense GEMM floor {row['dense_floor_ms']:.3f} ms, "
+          f"dense SwiGLU MLP {row['dense_mlp_ms']:.3f} ms")
     for v, e in row["variants"].items():
         if "skipped" in e:
             print(f"  {v:14s} skipped: {e['skipped']}")
             continue
         ok = e.get("rel_err", {}).get("ok", "-")
         err = e.get("rel_err", {}).get("out", float("nan"))
-        print(f"  {v:14s} {e['median_ms']:8.3f} ms  {e['x_floor']:5.2f}x floor  {e['tflops']:6.1f} TFLOP/s  "
-              f"err {err:.1e} ok={ok}")
+        host = f" host {e['host_issue_ms']:.2f} ms" if "host_issue_ms" in e else ""
+        print(f"  {v:17s} {e['median_ms']:8.3f} ms  {e['x_floor']:5.2f}x floor  {e['tflops']:6.1f} TFLOP/s  "
+              f"err {err:.1e} ok={ok}{host}")
     sys.stdout.flush()
 
 
@@ -393,6 +475,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile", default="", help="path prefix for kernel profile tables (balanced routing)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     results = run(args)

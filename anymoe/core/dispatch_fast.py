@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anymoe.core.dispatch import DispatchMeta
+
 GroupedMM = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -51,18 +53,25 @@ class RouteIndex:
 
 
 def build_route_index(expert_ids_TK: Tensor, num_experts: int) -> RouteIndex:
-    """Sort the (token, slot) pairs by expert; stable, so ties keep token order."""
+    """Sort the (token, slot) pairs by expert; stable, so ties keep token order.
+
+    An id of -1 marks a dropped pair (over capacity): it sorts last and is counted into the
+    last expert's block, so R stays T*K and no count is read back to the host; its combine
+    weight is 0, so it contributes nothing.
+    """
     T, K = expert_ids_TK.shape
     flat_R = expert_ids_TK.reshape(-1)
+    flat_R = torch.where(flat_R < 0, num_experts, flat_R)
     ids_sorted_R, perm_R = torch.sort(flat_R, stable=True)
     # Inverse permutation by a second sort (no scatter: deterministic on every device).
     sorted_pos_R = torch.argsort(perm_R)
-    # counts from the sorted ids: boundaries of each expert's run, no bincount (bincount on
-    # some devices reads the max back to the host).
-    bounds = torch.searchsorted(
-        ids_sorted_R, torch.arange(num_experts + 1, device=flat_R.device, dtype=ids_sorted_R.dtype)
+    # counts from the sorted ids: where each expert's run starts, no bincount (bincount on
+    # some devices reads the max back to the host). The last block runs to the end.
+    starts_E = torch.searchsorted(
+        ids_sorted_R, torch.arange(num_experts, device=flat_R.device, dtype=ids_sorted_R.dtype)
     )
-    counts_E = (bounds[1:] - bounds[:-1]).to(torch.int64)
+    ends_E = torch.cat([starts_E[1:], starts_E.new_full((1,), flat_R.numel())])
+    counts_E = (ends_E - starts_E).to(torch.int64)
     return RouteIndex(
         perm_R=perm_R,
         src_token_R=torch.div(perm_R, K, rounding_mode="floor"),
@@ -76,8 +85,9 @@ class DispatchOps:
 
     A backend subclasses this with device kernels and registers it for its device type.
     Shapes: gather_rows(x [N, D], idx [R]) -> [R, D]; gather_sum(y [R, D], idx [T, K]) ->
-    [T, D] summed in fp32; swiglu_fwd(h [R, 2F], w [R] fp32) -> [R, F];
-    swiglu_bwd(h, w, g [R, F]) -> (dh [R, 2F], dw [R] fp32). Half types accumulate in fp32.
+    [T, D]; swiglu_fwd(h [R, 2F], w [R] or None) -> [R, F]; swiglu_bwd(h, w, g [R, F]) ->
+    (dh [R, 2F], dw [R] fp32 or None); combine_fwd(y [R, D], idx [T, K], w [T, K]) -> [T, D];
+    combine_bwd(y, idx, w, g [T, D]) -> (dy [R, D], dw [T, K]). Half types accumulate in fp32.
     """
 
     name = "torch"
@@ -90,22 +100,40 @@ class DispatchOps:
         rows = y_RD.index_select(0, idx_TK.reshape(-1)).view(T, K, -1)
         return rows.sum(dim=1, dtype=_acc(y_RD)).to(y_RD.dtype)
 
-    def swiglu_fwd(self, h_R2F: Tensor, w_R: Tensor) -> Tensor:
+    def swiglu_fwd(self, h_R2F: Tensor, w_R: Tensor | None) -> Tensor:
         acc = _acc(h_R2F)
         gate, up = h_R2F.to(acc).chunk(2, dim=-1)
-        return (F.silu(gate) * up * w_R.to(acc).unsqueeze(-1)).to(h_R2F.dtype)
+        out = F.silu(gate) * up
+        return (out if w_R is None else out * w_R.to(acc).unsqueeze(-1)).to(h_R2F.dtype)
 
-    def swiglu_bwd(self, h_R2F: Tensor, w_R: Tensor, g_RF: Tensor) -> tuple[Tensor, Tensor]:
+    def swiglu_bwd(self, h_R2F: Tensor, w_R: Tensor | None, g_RF: Tensor) -> tuple[Tensor, Tensor | None]:
         acc = _acc(h_R2F)
         gate, up = h_R2F.to(acc).chunk(2, dim=-1)
-        g = g_RF.to(acc)
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        w = w_R.to(acc).unsqueeze(-1)
-        d_up = g * w * silu
-        d_gate = g * w * up * sig * (1 + gate * (1 - sig))
-        dw = (g * silu * up).sum(dim=-1)
+        g = g_RF.to(acc)
+        dw = None if w_R is None else (g * silu * up).sum(dim=-1)
+        gw = g if w_R is None else g * w_R.to(acc).unsqueeze(-1)
+        d_up = gw * silu
+        d_gate = gw * up * sig * (1 + gate * (1 - sig))
         return torch.cat([d_gate, d_up], dim=-1).to(h_R2F.dtype), dw
+
+    def combine_fwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        T, K = idx_TK.shape
+        acc = _acc(y_RD)
+        rows = y_RD.index_select(0, idx_TK.reshape(-1)).view(T, K, -1).to(acc)
+        return torch.einsum("tkd,tk->td", rows, w_TK.to(acc)).to(y_RD.dtype)
+
+    def combine_bwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor, g_TD: Tensor) -> tuple[Tensor, Tensor]:
+        T, K = idx_TK.shape
+        acc = _acc(y_RD)
+        flat = idx_TK.reshape(-1)
+        rows = y_RD.index_select(0, flat).view(T, K, -1).to(acc)
+        dw = torch.einsum("tkd,td->tk", rows, g_TD.to(acc))
+        dy_pairs = (w_TK.to(acc).unsqueeze(-1) * g_TD.to(acc).unsqueeze(1)).reshape(T * K, -1)
+        # idx is a permutation of the rows: a plain scatter, no accumulation.
+        dy = torch.empty_like(y_RD).index_copy_(0, flat, dy_pairs.to(y_RD.dtype))
+        return dy, dw
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -169,7 +197,21 @@ class _SwiGLUWeighted(torch.autograd.Function):
     def backward(ctx, g_RF):
         h_R2F, w_R = ctx.saved_tensors
         dh, dw = _BY_NAME[ctx.ops_name].swiglu_bwd(h_R2F, w_R, g_RF.contiguous())
-        return dh, dw.to(w_R.dtype), None
+        return dh, None if dw is None else dw.to(w_R.dtype), None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RD, sorted_pos_TK, w_TK, ops_name):
+        ctx.save_for_backward(y_RD, sorted_pos_TK, w_TK)
+        ctx.ops_name = ops_name
+        return _BY_NAME[ops_name].combine_fwd(y_RD, sorted_pos_TK, w_TK)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_RD, sorted_pos_TK, w_TK = ctx.saved_tensors
+        dy, dw = _BY_NAME[ctx.ops_name].combine_bwd(y_RD, sorted_pos_TK, w_TK, g_TD.contiguous())
+        return dy, None, dw.to(w_TK.dtype), None
 
 
 def permute(x_TD: Tensor, index: RouteIndex, ops: DispatchOps | None = None) -> Tensor:
@@ -188,6 +230,20 @@ def swiglu_weighted(h_R2F: Tensor, w_R: Tensor, ops: DispatchOps | None = None) 
     """``silu(h[:, :F]) * h[:, F:] * w[:, None]`` in one pass; differentiable in h and w."""
     ops = ops or dispatch_ops_for(h_R2F)
     return _SwiGLUWeighted.apply(h_R2F.contiguous(), w_R.contiguous(), ops.name)
+
+
+def swiglu(h_R2F: Tensor, ops: DispatchOps | None = None) -> Tensor:
+    """``silu(h[:, :F]) * h[:, F:]`` in one pass (forward and backward); differentiable in h."""
+    ops = ops or dispatch_ops_for(h_R2F)
+    return _SwiGLUWeighted.apply(h_R2F.contiguous(), None, ops.name)
+
+
+def combine(y_RD: Tensor, sorted_pos_TK: Tensor, weights_TK: Tensor,
+            ops: DispatchOps | None = None) -> Tensor:
+    """``out[t] = sum_k w[t, k] * y[sorted_pos[t, k]]`` (fp32 accumulation), [T, D]; differentiable
+    in y and w. Backward: one pass per token writes its K row gradients and K weight gradients."""
+    ops = ops or dispatch_ops_for(y_RD)
+    return _Combine.apply(y_RD.contiguous(), sorted_pos_TK.contiguous(), weights_TK.contiguous(), ops.name)
 
 
 def sorted_weights(weights_TK: Tensor, index: RouteIndex) -> Tensor:
@@ -217,6 +273,29 @@ def moe_ffn_fast(
     act_RF = swiglu_weighted(h_R2F, sorted_weights(weights_TK, index), ops)
     y_RD = grouped_mm(act_RF, w2_EFD, index.counts_E)
     return unpermute_sum(y_RD, index, ops)
+
+
+class FastLocalDispatcher:
+    """``TokenDispatcher`` (anymoe.core.dispatch) for one rank on the fast ops.
+
+    Same contract as ``LocalDispatcher``: dispatch -> (rows sorted by expert, counts, meta),
+    combine -> weighted sum over the K slots. Dropped pairs (id -1, weight 0) ride on the
+    last expert's block and are not zeroed: their weight is 0, so they add nothing forward
+    and receive no gradient, which saves a pass over the rows.
+    """
+
+    def __init__(self, num_experts: int, ops: DispatchOps | None = None) -> None:
+        self.num_local_experts = num_experts
+        self.local_expert_offset = 0
+        self.ops = ops
+
+    def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor):
+        index = build_route_index(expert_ids_TK, self.num_local_experts)
+        x_RD = permute(x_TD, index, self.ops)
+        return x_RD, index.counts_E, DispatchMeta(weights_TK, index.sorted_pos_TK, index.src_token_R)
+
+    def combine(self, y_RD: Tensor, meta: DispatchMeta) -> Tensor:
+        return combine(y_RD, meta.sorted_pos_TK, meta.weights_TK, self.ops)
 
 
 def moe_ffn_reference(

@@ -128,3 +128,59 @@ def test_ops_registry_refuses_duplicates():
 def _rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+def test_weighted_combine_and_plain_swiglu(dtype, tol):
+    T, K, E, D = 15, 3, 4, 9
+    gen = torch.Generator().manual_seed(21)
+    index = dfast.build_route_index(_random_ids(T, K, E, gen), E)
+    y64 = torch.randn(T * K, D, generator=gen, dtype=torch.float64)
+    w64 = torch.rand(T, K, generator=gen, dtype=torch.float64)
+    g64 = torch.randn(T, D, generator=gen, dtype=torch.float64)
+    ry, rw = y64.clone().requires_grad_(), w64.clone().requires_grad_()
+    pos = index.sorted_pos_TK
+    ref = torch.stack([sum(rw[t, k] * ry[int(pos[t, k])] for k in range(K)) for t in range(T)])
+    (ref * g64).sum().backward()
+    y = y64.to(dtype).requires_grad_()
+    w = w64.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    out = dfast.combine(y, index.sorted_pos_TK, w)
+    (out.double() * g64).sum().backward()
+    assert _rel(out, ref) < tol and _rel(y.grad, ry.grad) < tol and _rel(w.grad, rw.grad) < tol
+    h64 = torch.randn(T, 2 * D, generator=gen, dtype=torch.float64).requires_grad_()
+    ref = torch.nn.functional.silu(h64[:, :D]) * h64[:, D:]
+    ref.backward(g64)
+    h = h64.detach().to(dtype).requires_grad_()
+    out = dfast.swiglu(h)
+    out.backward(g64.to(dtype))
+    assert _rel(out, ref) < tol and _rel(h.grad, h64.grad) < tol
+
+
+def test_dropped_pairs_sort_last_into_last_expert():
+    ids = torch.tensor([[1, -1], [0, 1], [-1, 0]])
+    index = dfast.build_route_index(ids, 3)
+    assert index.counts_E.tolist() == [2, 2, 2]  # the 2 dropped pairs ride on expert 2
+    assert index.perm_R.tolist() == [2, 5, 0, 3, 1, 4]
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_fast_dispatcher_in_moe_layer_matches_local(capacity_factor):
+    """MoELayer with FastLocalDispatcher == with the default LocalDispatcher (float64, fwd + bwd)."""
+    from anymoe.core.moe import MoEConfig, MoELayer
+
+    cfg = MoEConfig(num_experts=6, top_k=2, expert_hidden=10, capacity_factor=capacity_factor, fused_w13=True)
+    torch.manual_seed(1)
+    ref = MoELayer(cfg, 12).double()
+    fast = MoELayer(cfg, 12, dispatcher=dfast.FastLocalDispatcher(6)).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, 12, dtype=torch.float64)
+    g = torch.randn(2, 9, 12, dtype=torch.float64)
+    outs = []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y, aux = layer(xi)
+        ((y * g).sum() + aux.loss).backward()
+        outs.append((y, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    assert _rel(outs[1][0], outs[0][0]) < 1e-12 and _rel(outs[1][1], outs[0][1]) < 1e-12
+    for name, grad in outs[0][2].items():
+        assert _rel(outs[1][2][name], grad) < 1e-12, name
