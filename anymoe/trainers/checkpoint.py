@@ -230,4 +230,85 @@ class CheckpointManager:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
-__all__ = ["CheckpointError", "CheckpointManager", "probe_writable", "step_dir_name", "write_bytes_atomic"]
+# ---- optimizer state in the canonical (unpadded, name-keyed) layout ----
+def _expert_owner(model, name: str):
+    """(Experts module, attribute) when ``name`` is a stored-padded expert weight, else None."""
+    from anymoe.core.experts import Experts
+
+    path, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if isinstance(module, Experts) and module.padded_hidden != module.hidden:
+        return module, attr
+    return None
+
+
+def _unpad(module, attr: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``Experts.to_stored`` for any tensor shaped like the stored weight."""
+    Fh, P = module.hidden, module.padded_hidden
+    if attr == "w13":
+        return torch.cat([t[..., :Fh], t[..., P:P + Fh]], dim=-1).contiguous()
+    if attr == "w2":
+        return t[:, :Fh, :].contiguous()
+    return t[..., :Fh].contiguous()
+
+
+def canonical_optim_state(model, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, expert moments unpadded.
+
+    torch keys optimizer state by parameter position and stores moments in the parameter's
+    (here: padded) shape; keyed by name and unpadded it loads under any sizing policy.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict[str, Any] = {}
+    for idx, p_state in sd["state"].items():
+        p = ordered[idx]
+        name = names[id(p)]
+        owner = _expert_owner(model, name)
+        state[name] = {k: (_unpad(*owner, v) if owner and torch.is_tensor(v) and v.shape == p.shape else v)
+                       for k, v in p_state.items()}
+    groups = []
+    for g in sd["param_groups"]:
+        groups.append({**{k: v for k, v in g.items() if k != "params"},
+                       "params": [names[id(ordered[i])] for i in g["params"]]})
+    return {"format": "anymoe-canonical-1", "state": state, "param_groups": groups}
+
+
+def load_canonical_optim_state(model, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The inverse of canonical_optim_state, padding expert moments to this run's layout."""
+    if saved.get("format") != "anymoe-canonical-1":
+        raise CheckpointError("the optimizer file is not in anymoe's canonical format; it was not written "
+                              "by `anymoe train`")
+    params = dict(model.named_parameters())
+    ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(ordered)}
+    names = {id(p): n for n, p in params.items()}
+    missing = [n for n in saved["state"] if n not in params]
+    if missing:
+        raise CheckpointError(f"optimizer state holds parameters this model lacks ({missing[:3]}...); "
+                              "resume with the model config the checkpoint was written with")
+    state = {}
+    for name, p_state in saved["state"].items():
+        p = params[name]
+        owner = _expert_owner(model, name)
+        state[index[id(p)]] = {
+            k: (owner[0].to_stored(owner[1], v) if owner and torch.is_tensor(v) and v.dim() == p.dim()
+                and v.shape != p.shape else v)
+            for k, v in p_state.items()}
+    groups = []
+    for g, live in zip(saved["param_groups"], optimizer.param_groups):
+        live_names = [names[id(p)] for p in live["params"]]
+        if live_names != g["params"]:
+            raise CheckpointError("the optimizer's parameter groups differ from the checkpoint's; resume "
+                                  "with the same model and optim config")
+        groups.append({**{k: v for k, v in g.items() if k != "params"},
+                       "params": [index[id(params[n])] for n in g["params"]]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+__all__ = ["CheckpointError", "CheckpointManager", "canonical_optim_state", "load_canonical_optim_state",
+           "probe_writable", "step_dir_name", "write_bytes_atomic"]

@@ -1,0 +1,359 @@
+"""Pretraining and SFT of an MoE language model: the loop skeleton filled in.
+
+One step (``train_step``), with G micro-batches per rank and D data-parallel ranks:
+
+1. lr from the schedule (a pure function of the step);
+2. the global count N of loss tokens in this step's global batch (labels != -100, summed over
+   ranks), so the loss is the mean over all tokens whatever the split into ranks/micro-batches;
+3. per micro-batch, under the backend's autocast: logits and MoE aux losses;
+   backward of  CE_sum * D / N  +  aux / G  (gradients are then averaged over DP, which makes
+   the first term sum_r CE_sum_r / N and the second the mean of the aux over all micro-batches:
+   the same as one process with D x G micro-batches);
+4. gradient sync (dense params over DP, expert params over the expert-data-parallel group);
+5. global grad norm (expert shards summed over EP), a non-finite loss or norm skips the step;
+6. clip, AdamW step, then the aux-free bias step of every MoE layer (DeepSeek-V3).
+
+Weights are drawn on the CPU from the seed before moving to the device, and the data order
+depends only on the seed, so every backend and world size sees the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anymoe.core.config import ConfigError, to_dict
+from anymoe.trainers.checkpoint import canonical_optim_state, load_canonical_optim_state, write_bytes_atomic
+from anymoe.trainers.config import RunConfig
+from anymoe.trainers.distributed import DistEnv
+from anymoe.trainers.loop import LoopSettings, StepOutput, Trainer
+from anymoe.trainers.metrics import load_stats, router_entropy
+from anymoe.trainers.optim import LRSchedule, build_optimizer
+
+IGNORE = -100
+
+
+class TrainData:
+    """This rank's micro-batches, step by step, from anymoe.data's seeded global order.
+
+    The global batch of a step is micro_batch x accum x dp rows; this rank gets its
+    contiguous share (anymoe.data.sampler) and cuts it into ``accum`` micro-batches, so the
+    micro-batches of a DP=N run are exactly those of a DP=1 run with N x accum of them.
+    """
+
+    def __init__(self, cfg, micro_batch: int, accum: int, dp_rank: int, dp_size: int,
+                 eval_batches: int) -> None:
+        from anymoe.data import build_data
+
+        self.micro_batch, self.accum = micro_batch, accum
+        self.dp_rank, self.dp_size, self.n_eval = dp_rank, dp_size, eval_batches
+        self.bundle = build_data(cfg)
+        self.tokenizer = self.bundle.tokenizer
+        self.vocab_size = self.tokenizer.vocab_size
+        self.stream = self.bundle.train_stream(micro_batch * accum * dp_size, dp_rank, dp_size)
+
+    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+        """This rank's ``accum`` micro-batches (input_ids, labels) of the next global batch."""
+        batch = self.stream.next_batch()
+        mb = self.micro_batch
+        return [(batch["input_ids"][i * mb:(i + 1) * mb], batch["labels"][i * mb:(i + 1) * mb])
+                for i in range(self.accum)]
+
+    def eval_batches(self) -> list[tuple[Tensor, Tensor]]:
+        out = []
+        for batch in self.bundle.eval_batches(self.micro_batch * self.dp_size, self.dp_rank, self.dp_size):
+            if len(out) >= self.n_eval:
+                break
+            out.append((batch["input_ids"], batch["labels"]))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def loop_settings(cfg: RunConfig, resume: bool) -> LoopSettings:
+    return LoopSettings(
+        total_steps=cfg.train.steps, log_every=cfg.logging.every, checkpoint_every=cfg.checkpoint.every,
+        keep_last=cfg.checkpoint.keep_last, checkpoint_at_end=cfg.checkpoint.at_end,
+        eval_every=cfg.eval.every, eval_at_end=cfg.eval.at_end, max_bad_steps=cfg.train.max_bad_steps,
+        spike_factor=cfg.train.spike_factor, spike_window=cfg.train.spike_window,
+        max_rollbacks=cfg.train.max_rollbacks, resume=resume, tensorboard=cfg.logging.tensorboard,
+        progress=cfg.logging.progress)
+
+
+def resolve_precision(cfg: RunConfig, backend) -> torch.dtype | None:
+    """The autocast dtype: None = fp32. ``auto`` asks the backend."""
+    if cfg.train.precision == "fp32":
+        return None
+    if cfg.train.precision == "bf16":
+        return torch.bfloat16
+    return backend.autocast_dtype()
+
+
+class PretrainTrainer(Trainer):
+    """Next-token prediction on packed text (pretraining) or prompt-masked responses (SFT)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, backend, dist: DistEnv | None = None,
+                 resume: bool = False, groups: Any = None) -> None:
+        super().__init__(run_dir, loop_settings(cfg, resume), dist)
+        self.cfg = cfg
+        self.backend = backend
+        self.device_type = backend.device_type
+        self.groups = groups
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        cfg, backend = self.cfg, self.backend
+        from anymoe.models.transformer import MoETransformer
+
+        self.device = backend.device(self.dist.local_rank)
+        backend.set_deterministic(cfg.train.deterministic)
+        self.amp_dtype = resolve_precision(cfg, backend)
+        self.dp_size = self.groups.dp.size if self.groups is not None else 1
+        self.dp_rank = self.groups.dp.rank if self.groups is not None else 0
+        self.accum = cfg.train.accumulation(self.dp_size)
+        self.data = TrainData(cfg.data, micro_batch=cfg.train.micro_batch, accum=self.accum,
+                              dp_rank=self.dp_rank, dp_size=self.dp_size, eval_batches=cfg.eval.batches)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", f"({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                              f"vocabulary ({self.data.vocab_size}); set model.vocab_size >= "
+                              f"{self.data.vocab_size}")
+        # Weights from the seed, on the CPU, then moved: every backend starts bit-identical.
+        torch.manual_seed(cfg.train.seed)
+        self.model = MoETransformer(cfg.model, backend=backend, parallel=self.groups).to(self.device)
+        if self.groups is not None:
+            from anymoe.core.parallel import attach_groups
+
+            attach_groups(self.model, self.groups)
+        self.optimizer = build_optimizer(self.model, cfg.optim, backend)
+        self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
+        backend.manual_seed(cfg.train.seed + 1 + self.dist.rank)  # dropout streams, distinct per rank
+        self.tokens_per_step = cfg.train.micro_batch * self.accum * self.dp_size * cfg.data.seq_len
+        self.flops_per_token = self._flops_per_token()
+        if self.dist.is_main:
+            params, active = self.model.num_parameters(), self.model.num_parameters(active=True)
+            dtype = str(self.amp_dtype or "fp32").replace("torch.", "")
+            ep = self.groups.ep.size if self.groups is not None else 1
+            self.message(f"backend {backend.name} ({dtype}), {self.dist.world_size} process(es) "
+                         f"(dp {self.dp_size // ep} x ep {ep}), {params / 1e6:.2f}M parameters "
+                         f"({active / 1e6:.2f}M active), {self.tokens_per_step} tokens/step "
+                         f"({cfg.train.micro_batch} x {self.accum} micro-batches x {self.dp_size} ranks)")
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """A checkpoint must fit on the disk: check now (probe file), not at the first save."""
+        from anymoe.trainers.checkpoint import probe_writable
+
+        if self.dist.is_main:
+            n = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            probe_writable(self.run_dir / "checkpoints", need_bytes=3 * n + (1 << 20))
+
+    def _flops_per_token(self) -> float:
+        """6 x active parameters + attention (12 L d S): the PaLM appendix-B estimate."""
+        m = self.cfg.model
+        attention = 12.0 * m.n_layers * m.d_model * self.cfg.data.seq_len
+        return 6.0 * self.model.num_parameters(active=True) + attention
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ step
+    def _expert_param(self, name: str) -> bool:
+        return ".ffn.experts." in name
+
+    def train_step(self, step: int) -> StepOutput:
+        lr = self.schedule.apply(self.optimizer, step)
+        batches = self.data.next_step()
+        batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in batches]
+        n_local = sum(int((labels != IGNORE).sum()) for _, labels in batches)
+        n_tokens = self._dp_sum(torch.tensor([float(n_local)], dtype=torch.float64)).item()
+        scale = self.dp_size / max(n_tokens, 1.0)
+        ce_sum = torch.zeros((), dtype=torch.float64)
+        aux_sums: dict[str, float] = {}
+        aux_total = 0.0
+        layer_loads: list[Tensor] | None = None
+        layer_extra: list[dict[str, float]] = []
+        for ids, labels in batches:
+            with self._autocast():
+                out = self.model(ids, return_aux=True)
+            ce = nn.functional.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
+                                             labels.view(-1), ignore_index=IGNORE, reduction="sum")
+            loss = ce * scale + out.aux_loss / self.accum
+            loss.backward()
+            ce_sum += ce.detach().double().cpu()
+            aux_total += float(out.aux_loss.detach()) / self.accum
+            for layer_i, aux in enumerate(out.moe_aux):
+                for name, value in aux.losses.items():
+                    aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach()) / self.accum
+                load = aux.tokens_per_expert.detach().double().cpu()
+                if layer_loads is None:
+                    layer_loads = [torch.zeros_like(load) for _ in out.moe_aux]
+                    layer_extra = [{"entropy": 0.0, "dropped": 0.0} for _ in out.moe_aux]
+                layer_loads[layer_i] += load
+                layer_extra[layer_i]["entropy"] += router_entropy(aux.router_probs) / self.accum
+                layer_extra[layer_i]["dropped"] += float(aux.dropped)
+        self._sync_grads()
+        loss_value = self._dp_sum(ce_sum.clone()).item() / max(n_tokens, 1.0)
+        grad_norm = self._grad_norm()
+        bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._drop_bias_loads()
+            why = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            return StepOutput(loss=loss_value, tokens=int(n_tokens), skipped=True,
+                              reason=f"non-finite {why}", metrics={"lr": lr, "grad_norm": grad_norm})
+        clip = self.cfg.optim.grad_clip
+        if clip > 0 and grad_norm > clip:
+            coef = clip / (grad_norm + 1e-6)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_router_biases()
+        aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(aux_sums).items()}
+        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": aux_total, **aux_means}
+        if layer_loads is not None:
+            metrics["layers"] = self._layer_stats(layer_loads, layer_extra)
+        return StepOutput(loss=loss_value, tokens=int(n_tokens), metrics=metrics)
+
+    def _layer_stats(self, loads: list[Tensor], extra: list[dict[str, float]]) -> list[dict[str, Any]]:
+        out = []
+        for load, more in zip(loads, extra):
+            load = self._dp_sum(load.clone())
+            stats = load_stats(load)
+            stats["entropy"] = more["entropy"]
+            stats["dropped"] = more["dropped"]
+            out.append(stats)
+        return out
+
+    def _dp_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if not values:
+            return {}
+        keys = sorted(values)
+        t = self._dp_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+        return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+    def _dp_sum(self, t: Tensor) -> Tensor:
+        if self.groups is None or self.groups.dp.size == 1:
+            return t
+        from anymoe.core.collectives import all_reduce_
+
+        return all_reduce_(t, self.groups.dp, "sum")
+
+    def _sync_grads(self) -> None:
+        if self.groups is not None:
+            from anymoe.core.parallel import sync_gradients
+
+            sync_gradients(self.model, self.groups)
+
+    def _grad_norm(self) -> float:
+        dense = torch.zeros((), dtype=torch.float64)
+        expert = torch.zeros((), dtype=torch.float64)
+        for name, p in self.model.named_parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if self._expert_param(name):
+                expert += sq
+            else:
+                dense += sq
+        if self.groups is not None and self.groups.ep.size > 1:
+            from anymoe.core.collectives import all_reduce_
+
+            expert = all_reduce_(expert, self.groups.ep, "sum")
+        return math.sqrt(float(dense + expert))
+
+    def _drop_bias_loads(self) -> None:
+        """A skipped step must not move the aux-free biases: forget its routing loads."""
+        for layer in self.model.moe_layers():
+            accum = getattr(layer.router, "load_accum", None)
+            if accum is not None:
+                accum.zero_()
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        batches = self.data.eval_batches()
+        if not batches:
+            return {}
+        self.model.eval()
+        ce = torch.zeros(2, dtype=torch.float64)
+        for ids, labels in batches:
+            ids, labels = ids.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.model(ids)
+            flat = logits.float().view(-1, logits.shape[-1])
+            ce[0] += float(nn.functional.cross_entropy(flat, labels.view(-1), ignore_index=IGNORE,
+                                                       reduction="sum"))
+            ce[1] += float((labels != IGNORE).sum())
+        self.model.train()
+        ce = self._dp_sum(ce)
+        loss = float(ce[0] / max(ce[1].item(), 1.0))
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _writes_model(self) -> bool:
+        """Rank 0 of each data-parallel replica group writes the weights it holds."""
+        return self.dp_rank == 0
+
+    def _model_file(self) -> str:
+        ep = self.groups.ep if self.groups is not None else None
+        return "model.pt" if ep is None or ep.size == 1 else f"model_ep{ep.rank:03d}.pt"
+
+    def _optim_file(self) -> str:
+        return self._model_file().replace("model", "optim")
+
+    def checkpoint_files(self) -> dict[str, Any]:
+        if not self._writes_model():
+            return {}
+        return {self._model_file(): self.model.state_dict(),
+                self._optim_file(): canonical_optim_state(self.model, self.optimizer)}
+
+    def load_checkpoint(self, path: Path, restore_data: bool = True) -> None:
+        state = self.ckpt.load(path, self._model_file())
+        self.model.load_state_dict(state)
+        load_canonical_optim_state(self.model, self.optimizer, self.ckpt.load(path, self._optim_file()))
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"config": to_dict(self.cfg), "ep": self.groups.ep.size if self.groups is not None else 1}
+
+    def data_state(self) -> dict[str, Any]:
+        return self.data.state_dict()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.data.load_state_dict(state)
+
+    # ------------------------------------------------------------------ end of run
+    def finish(self) -> None:
+        if not self.dist.is_main:
+            return
+        if self.cfg.logging.plots:
+            try:
+                from anymoe.trainers.plots import write_plots
+
+                write_plots(self.run_dir)
+            except (ImportError, ValueError, OSError) as err:
+                print(f"plots not written: {err}", file=sys.stderr)
+        if self.cfg.checkpoint.export_hf:
+            self.export_hf(self.run_dir / "hf")
+
+    def export_hf(self, out: Path) -> None:
+        from anymoe.models import hf
+
+        hf.save_pretrained(self.model, self.cfg.model, out)
+        write_bytes_atomic(out / "anymoe_step.txt", f"{self.step}\n".encode())
+
+
+__all__ = ["IGNORE", "PretrainTrainer", "loop_settings", "resolve_precision"]
