@@ -42,6 +42,9 @@ from torch import Tensor
 
 ReduceOpName = Literal["sum", "avg", "max", "min"]
 _TORCH_OPS = {"sum": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN"}
+# torch 2.13 renamed the flat all-gather / reduce-scatter (the old names warn); 2.11 has only the old.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,13 @@ class CollectiveOps:
     def all_gather_equal(self, x: Tensor, group: Group) -> Tensor:
         """[n, ...] on every rank -> [size * n, ...], rank order."""
         out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group.pg)
+        _all_gather_flat(out, x.contiguous(), group=group.pg)
         return out
 
     def reduce_scatter_equal(self, x: Tensor, group: Group) -> Tensor:
         """[size * n, ...] on every rank -> [n, ...]: the sum over ranks of this rank's slice."""
         out = x.new_empty((x.shape[0] // group.size, *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group.pg)
+        _reduce_scatter_flat(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group.pg)
         return out
 
     def all_to_all_single(self, x: Tensor, group: Group, output_splits: list[int],
