@@ -87,14 +87,16 @@ def _parity_worker(rank: int, world: int) -> dict[str, dict[str, float]]:
         # Balance statistics over the right group.
         res["aux_loss"] = _rel(C.all_reduce(aux.losses["aux_loss"], groups.world, "avg"),
                                aux_ref.losses["aux_loss"])
-        res["z_loss"] = _rel(C.all_reduce(aux.losses["z_loss"], groups.world, "avg"), aux_ref.losses["z_loss"])
+        res["z_loss"] = _rel(C.all_reduce(aux.losses["z_loss"], groups.world, "avg"),
+                             aux_ref.losses["z_loss"])
         # EP-group loss: an EP group's mean equals one process on that group's batch.
         first = groups.ep.ranks[0]
         ep_rows = slice(first * B, (first + groups.ep.size) * B)
         torch.manual_seed(11)
         sub_ref = MoELayer(_moe_cfg(ep, True), D)
         _, _, aux_sub = _step(sub_ref, x_all[ep_rows], t_all[ep_rows])
-        layer_ep = MoELayer(_moe_cfg(0, True), D, dispatcher=build_dispatcher(cfg, groups) if ep > 1 else None)
+        layer_ep = MoELayer(_moe_cfg(0, True), D,
+                            dispatcher=build_dispatcher(cfg, groups) if ep > 1 else None)
         attach_groups(layer_ep, groups)
         layer_ep.load_state_dict(layer.state_dict(), strict=False)
         if ep > 1:
