@@ -26,7 +26,12 @@ import torch
 from torch import Tensor
 
 from anymoe.core.backend import Availability, Backend, register_backend
-from anymoe.core.grouped_mm import grouped_mm_loop, grouped_mm_torch, torch_grouped_mm_works
+from anymoe.core.grouped_mm import (
+    grouped_mm_loop,
+    grouped_mm_torch,
+    match_operand_dtypes,
+    torch_grouped_mm_works,
+)
 
 IPEX_MODULE = "intel_extension_for_pytorch"
 IPEX_DIST = "intel-extension-for-pytorch"
@@ -84,7 +89,8 @@ class CPUBackend(Backend):
         return torch.device("cpu")
 
     def grouped_mm(self, x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
-        if x_TD.dtype == w_EDF.dtype and torch_grouped_mm_works(x_TD.device, x_TD.dtype):
+        x_TD, w_EDF = match_operand_dtypes(x_TD, w_EDF)
+        if torch_grouped_mm_works(x_TD.device, x_TD.dtype):
             return grouped_mm_torch(x_TD, w_EDF, counts_E)
         return grouped_mm_loop(x_TD, w_EDF, counts_E)
 

@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from anymoe.core.backend import Availability, Backend, register_backend
-from anymoe.core.grouped_mm import grouped_mm_loop, grouped_mm_torch, torch_grouped_mm_works
+from anymoe.core.grouped_mm import (
+    grouped_mm_loop,
+    grouped_mm_torch,
+    match_operand_dtypes,
+    torch_grouped_mm_works,
+)
 
 # Dense datasheet TFLOP/s: (bf16/fp16 tensor core, fp32 without tensor cores). Matched by
 # substring of torch.cuda.get_device_name(), most specific first.
@@ -115,7 +120,8 @@ class CUDABackend(Backend):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
 
     def grouped_mm(self, x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
-        if x_TD.dtype == w_EDF.dtype and torch_grouped_mm_works(x_TD.device, x_TD.dtype):
+        x_TD, w_EDF = match_operand_dtypes(x_TD, w_EDF)
+        if torch_grouped_mm_works(x_TD.device, x_TD.dtype):
             return grouped_mm_torch(x_TD, w_EDF, counts_E)
         return grouped_mm_loop(x_TD, w_EDF, counts_E)
 

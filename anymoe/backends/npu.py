@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from anymoe.core.backend import Availability, Backend, register_backend
-from anymoe.core.grouped_mm import check_grouped_mm_args, grouped_mm_loop
+from anymoe.core.grouped_mm import check_grouped_mm_args, grouped_mm_loop, match_operand_dtypes
 from anymoe.core.sizing import POW2, ExpertSizingPolicy
 
 NPU_MODULE = "torch_npu"
@@ -202,8 +202,8 @@ class NPUBackend(Backend):
 
     def grouped_mm(self, x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
         check_grouped_mm_args(x_TD, w_EDF, counts_E)
-        E = w_EDF.shape[0]
-        if x_TD.shape[0] == 0 or E > MAX_GROUPS or x_TD.dtype != w_EDF.dtype or x_TD.dtype == torch.float64:
+        x_TD, w_EDF = match_operand_dtypes(x_TD, w_EDF)
+        if x_TD.shape[0] == 0 or w_EDF.shape[0] > MAX_GROUPS or x_TD.dtype == torch.float64:
             return grouped_mm_loop(x_TD, w_EDF, counts_E)  # shapes/dtypes the kernel does not take
         return _NPUGroupedMM.apply(x_TD.contiguous(), w_EDF.contiguous(), group_list_from_counts(counts_E))
 

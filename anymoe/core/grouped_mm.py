@@ -145,3 +145,18 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     ref = grouped_mm_loop(x.detach().double().cpu(), w.detach().double().cpu(), counts.cpu())
     tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-3
     return bool(torch.allclose(y.detach().double().cpu(), ref, atol=tol, rtol=tol)) and w.grad is not None
+
+
+def match_operand_dtypes(x_TD: Tensor, w_EDF: Tensor) -> tuple[Tensor, Tensor]:
+    """Both operands in one dtype, as a matmul under autocast would compute them.
+
+    Inside ``torch.autocast`` for x's device both go to the autocast dtype (fp32 master
+    weights times bf16 activations -> a bf16 grouped GEMM, like nn.Linear); outside it,
+    to the promoted dtype. The casts are differentiable, so gradients reach the fp32 weights.
+    """
+    device_type = x_TD.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(x_TD.dtype, w_EDF.dtype)
+    return x_TD.to(dtype), w_EDF.to(dtype)

@@ -145,3 +145,22 @@ def test_availability_reason_and_dist_backend(backend):
     status = backend.availability()
     assert status.ok and isinstance(status.reason, str)
     assert backend.dist_backend in ("gloo", "nccl", "hccl")
+
+
+def test_grouped_mm_under_autocast_takes_fp32_weights(backend):
+    """fp32 master weights x activations under autocast: computed in the autocast dtype, like a Linear."""
+    dev = backend.device()
+    dtype = backend.autocast_dtype() or torch.bfloat16
+    counts = torch.tensor([3, 0, 5], device=dev)
+    x = torch.randn(8, 16, device=dev, requires_grad=True)
+    w = torch.randn(3, 16, 8, device=dev, requires_grad=True)
+    with torch.autocast(device_type=backend.device_type, dtype=dtype):
+        y = backend.grouped_mm(x, w, counts)
+    assert y.dtype == dtype
+    y.float().backward(torch.ones_like(y, dtype=torch.float32))
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    x64, w64 = (t.detach().to(dtype).double().cpu() for t in (x, w))
+    ref = grouped_mm_loop(x64, w64, counts.cpu())
+    _close(y, ref, TOL[torch.bfloat16], "output")
+    # outside autocast, mixed operands promote (bf16 activations x fp32 weights -> fp32)
+    assert backend.grouped_mm(x.detach().to(torch.bfloat16), w.detach(), counts).dtype == torch.float32
