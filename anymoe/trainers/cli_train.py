@@ -82,6 +82,16 @@ def resolve_run_dir(cfg, out: str | None) -> Path:
     return Path(out or cfg.out_dir or Path("runs") / cfg.name)
 
 
+def preflight(cfg, world_size: int) -> None:
+    """Every check that needs the world size or the tokenizer, before anything is written."""
+    from anymoe.data.tokenizers import build_tokenizer, check_vocab
+
+    moe = cfg.model.moe
+    cfg.parallel.check_world(world_size, moe.num_experts if moe is not None else None)
+    cfg.train.accumulation(world_size)
+    check_vocab(build_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)
+
+
 def _fail(text: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"anymoe train: {text}", file=sys.stderr, flush=True)
     return code
@@ -108,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail("--nproc must be >= 1")
     if args.nproc and args.nproc > 1 and env.world_size == 1:
         return relaunch(args.nproc, _argv_for_workers(args, run_dir), args.max_restarts)
+    try:
+        preflight(cfg, env.world_size)
+    except ConfigError as err:
+        return _fail(f"config error: {err}")
     resume = args.resume or env.restart_count > 0
     if env.is_main and not resume and CheckpointManager(run_dir / "checkpoints").finished():
         return _fail(f"{run_dir} already holds checkpoints; pass --resume to continue that run or --out "

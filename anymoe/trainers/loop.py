@@ -152,6 +152,10 @@ class Trainer(ABC):
     def checkpoint_meta(self) -> dict[str, Any]:
         return {}
 
+    def derived_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Fields computed from a finished row (e.g. MFU from tokens_per_s); optional."""
+        return {}
+
     # ---- hooks and messages ----
     def add_hook(self, event: str, fn: Callable[[Trainer, dict[str, Any]], None]) -> None:
         if event not in self._hooks:
@@ -271,6 +275,7 @@ class Trainer(ABC):
                 row = {"step": self.step, "loss": out.loss, **out.metrics, "step_time_s": seconds,
                        "tokens_per_s": out.tokens / seconds if seconds > 0 else 0.0,
                        "skipped": out.skipped, "bad_steps": self.bad_steps}
+                row.update(self.derived_metrics(row))
                 last = row
                 if self.loop.eval_every and self.step % self.loop.eval_every == 0:
                     row.update(self._evaluate())

@@ -163,6 +163,12 @@ class PretrainTrainer(Trainer):
         attention = 12.0 * m.n_layers * m.d_model * self.cfg.data.seq_len
         return 6.0 * self.model.num_parameters(active=True) + attention
 
+    def derived_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
+        """MFU = achieved FLOP/s / (peak FLOP/s x ranks); null where the backend has no peak."""
+        peak = self.backend.peak_flops(self.amp_dtype or torch.float32) * self.dist.world_size
+        mfu = row["tokens_per_s"] * self.flops_per_token / peak if peak > 0 else None
+        return {"mfu": mfu, "memory": self.backend.memory_stats()}
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
