@@ -170,17 +170,62 @@ def build_hf(p, s):
     return params, (lambda x: block(x.unsqueeze(0)).squeeze(0)), experts, block
 
 
-def build_anymoe_layer(p, s, backend):
-    """moe-core's MoELayer, weights copied in. Returns None when the layer is not importable."""
+def build_anymoe_layer(p, s):
+    """moe-core's MoELayer on the cuda backend's grouped_mm, weights copied in (fused w13)."""
+    from anymoe.core.backend import get_backend
+    from anymoe.core.moe import MoEConfig, MoELayer
+    from anymoe.core.router import RouterConfig
+
+    backend = get_backend("auto")  # cuda on the GPU machine; cpu for a smoke run
+    cfg = MoEConfig(num_experts=s.E, top_k=s.k, expert_hidden=s.f, fused_w13=True,
+                    router=RouterConfig(normalize_topk=True))
+    layer = MoELayer(cfg, s.d, grouped_mm=backend.grouped_mm).to(p["x"].device, p["x"].dtype)
+    with torch.no_grad():
+        layer.router.weight.copy_(p["wr"])
+        layer.experts.w13.copy_(p["w13"])
+        layer.experts.w2.copy_(p["w2"])
+    params = {"wr": layer.router.weight, "w13": layer.experts.w13, "w2": layer.experts.w2}
+
+    def experts(x, ids, w):
+        x_ND, counts, meta = layer.dispatcher.dispatch(x, ids, w)
+        return layer.dispatcher.combine(layer.experts(x_ND, counts), meta)
+
+    return params, (lambda x: layer(x)[0]), experts, layer
+
+
+def _fused_swiglu_forward(self, x_ND, counts_E):
+    """Experts.forward with the one-pass SwiGLU (what moe-core can adopt for fused_w13)."""
+    h = self.grouped_mm(x_ND, self.w13, counts_E)
+    return self.grouped_mm(dfast.swiglu(h), self.w2, counts_E)
+
+
+def layer_variants(p, s):
+    """(name, builder) for the layer as shipped, with FastLocalDispatcher, and with both
+    FastLocalDispatcher and the fused SwiGLU; one layer object, parts swapped in turn."""
+    import types
+
     try:
-        from anymoe.core.moe import MoEConfig, MoELayer  # noqa: F401
+        params, fwd, experts, layer = build_anymoe_layer(p, s)
     except ImportError as exc:
-        return None, f"anymoe.core.moe not importable: {exc}"
-    try:
-        from bench.moe_layer_anymoe import build_layer  # adapter kept beside this file
-    except ImportError as exc:
-        return None, f"adapter missing: {exc}"
-    return build_layer(p, s, backend), ""
+        return [("anymoe_layer", None, f"anymoe.core.moe not importable: {exc}")]
+    shipped = layer.dispatcher
+
+    def as_shipped():
+        layer.dispatcher = shipped
+        layer.experts.forward = types.MethodType(type(layer.experts).forward, layer.experts)
+        return params, fwd, experts
+
+    def fast_dispatch():
+        layer.dispatcher = dfast.FastLocalDispatcher(s.E)
+        return params, fwd, experts
+
+    def fast_all():
+        fast_dispatch()
+        layer.experts.forward = types.MethodType(_fused_swiglu_forward, layer.experts)
+        return params, fwd, experts
+
+    return [("anymoe_layer", as_shipped, ""), ("anymoe_layer_fastdisp", fast_dispatch, ""),
+            ("anymoe_layer_fastall", fast_all, "")]
 
 
 # ---------------------------------------------------------------- timing
@@ -408,17 +453,21 @@ def run(args):
                 del params, fwd, experts
                 torch.cuda.empty_cache()
             if "anymoe_layer" in args.variants:
-                built, why = build_anymoe_layer(p, s, "cuda")
-                if built is None:
-                    row["variants"]["anymoe_layer"] = {"skipped": why}
-                else:
-                    params, fwd, experts = built
-                    errs = None
-                    if experts is not None:
-                        errs = check("anymoe_layer", experts, params, p, ids, w, ref_out, ref_grads)
+                for vname, builder, why in layer_variants(p, s):
+                    if builder is None:
+                        row["variants"][vname] = {"skipped": why}
+                        continue
+                    params, fwd, experts = builder()
+                    errs = check(vname, experts, params, p, ids, w, ref_out, ref_grads)
                     x = p["x"].clone().requires_grad_()
                     timing = time_fwd_bwd(fwd, x, p["gy"], list(params.values()), iters, args.warmup, sync)
-                    row["variants"]["anymoe_layer"] = _entry(timing, s, floor, errs)
+                    row["variants"][vname] = _entry(timing, s, floor, errs)
+                    if dev.type == "cuda":
+                        row["variants"][vname]["host_issue_ms"] = host_ms(fwd, p, list(params.values()))
+                        if args.profile and routing == "balanced" and vname == "anymoe_layer_fastall":
+                            prof_path = args.profile + f".{s.name}.{vname}.txt"
+                            profile_table(fwd, p, list(params.values()), prof_path)
+                torch.cuda.empty_cache()
             results.append(row)
             _print_row(row)
             del p, ref_out, ref_grads

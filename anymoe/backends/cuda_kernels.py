@@ -67,23 +67,25 @@ if HAVE_TRITON:
         tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_fwd_kernel(h_ptr, w_ptr, out_ptr, F, stride_h, stride_o, BLOCK_F: tl.constexpr):
+    def _swiglu_fwd_kernel(h_ptr, w_ptr, out_ptr, F, stride_h, stride_o, BLOCK_F: tl.constexpr,
+                           HAS_W: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask = cols < F
-        w = tl.load(w_ptr + r).to(tl.float32)
         gate = tl.load(h_ptr + r * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptr + r * stride_h + F + cols, mask=mask, other=0.0).to(tl.float32)
-        out = gate * tl.sigmoid(gate) * up * w
+        out = gate * tl.sigmoid(gate) * up
+        if HAS_W:
+            out = out * tl.load(w_ptr + r).to(tl.float32)
         tl.store(out_ptr + r * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(
         h_ptr, w_ptr, g_ptr, dh_ptr, dw_ptr, F, stride_h, stride_g, stride_dh,
-        BLOCK_F: tl.constexpr, N_BLOCKS: tl.constexpr,
+        BLOCK_F: tl.constexpr, N_BLOCKS: tl.constexpr, HAS_W: tl.constexpr,
     ):
         r = tl.program_id(0).to(tl.int64)
-        w = tl.load(w_ptr + r).to(tl.float32)
+        w = tl.load(w_ptr + r).to(tl.float32) if HAS_W else 1.0
         dw = tl.zeros([BLOCK_F], dtype=tl.float32)
         for i in range(N_BLOCKS):  # a run-time bound trips Triton's CPU interpreter
             cols = i * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -98,7 +100,47 @@ if HAVE_TRITON:
             dw += g * silu * up
             tl.store(dh_ptr + r * stride_dh + cols, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
             tl.store(dh_ptr + r * stride_dh + F + cols, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw_ptr + r, tl.sum(dw, axis=0))
+        if HAS_W:
+            tl.store(dw_ptr + r, tl.sum(dw, axis=0))
+
+    @triton.jit
+    def _combine_fwd_kernel(y_ptr, idx_ptr, w_ptr, out_ptr, D, stride_y, stride_o,
+                            K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[t] = sum_k w[t, k] * y[idx[t, k]]: a [K, BLOCK_D] tile of gathered rows.
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        ks = tl.arange(0, K_PAD)
+        kmask = ks < K
+        src = tl.load(idx_ptr + t * K + ks, mask=kmask, other=0).to(tl.int64)
+        w = tl.load(w_ptr + t * K + ks, mask=kmask, other=0.0).to(tl.float32)
+        m2 = kmask[:, None] & (cols < D)[None, :]
+        tile = tl.load(y_ptr + src[:, None] * stride_y + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        out = tl.sum(tile * w[:, None], axis=0)
+        tl.store(out_ptr + t * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+    @triton.jit
+    def _combine_bwd_kernel(y_ptr, idx_ptr, w_ptr, g_ptr, dy_ptr, dw_ptr, D, stride_y, stride_g, stride_dy,
+                            K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                            N_BLOCKS: tl.constexpr):
+        # dy[idx[t, k]] = w[t, k] * g[t] (idx is a permutation: plain stores) and
+        # dw[t, k] = <g[t], y[idx[t, k]]>, in one pass over token t's rows.
+        t = tl.program_id(0).to(tl.int64)
+        ks = tl.arange(0, K_PAD)
+        kmask = ks < K
+        src = tl.load(idx_ptr + t * K + ks, mask=kmask, other=0).to(tl.int64)
+        w = tl.load(w_ptr + t * K + ks, mask=kmask, other=0.0).to(tl.float32)
+        dw = tl.zeros([K_PAD], dtype=tl.float32)
+        for i in range(N_BLOCKS):
+            cols = i * BLOCK_D + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            m2 = kmask[:, None] & cmask[None, :]
+            g = tl.load(g_ptr + t * stride_g + cols, mask=cmask, other=0.0).to(tl.float32)
+            tile = tl.load(y_ptr + src[:, None] * stride_y + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            dw += tl.sum(tile * g[None, :], axis=1)
+            dy = w[:, None] * g[None, :]
+            dy_ptrs = dy_ptr + src[:, None] * stride_dy + cols[None, :]
+            tl.store(dy_ptrs, dy.to(dy_ptr.dtype.element_ty), mask=m2)
+        tl.store(dw_ptr + t * K + ks, dw, mask=kmask)
 
 
 # --- launchers: plain functions on any tensors Triton can address (also its CPU interpreter) ---
@@ -126,29 +168,55 @@ def launch_gather_sum(y_RD: Tensor, idx_TK: Tensor) -> Tensor:
     return out
 
 
-def launch_swiglu_fwd(h_R2F: Tensor, w_R: Tensor) -> Tensor:
+def launch_swiglu_fwd(h_R2F: Tensor, w_R: Tensor | None) -> Tensor:
     R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
     out = h_R2F.new_empty(R, F)
     if R and F:
         block = _block(F, 2048)
         grid = (R, triton.cdiv(F, block))
-        _swiglu_fwd_kernel[grid](h_R2F, w_R, out, F, h_R2F.stride(0), out.stride(0),
-                                 BLOCK_F=block, num_warps=_warps(block))
+        _swiglu_fwd_kernel[grid](h_R2F, h_R2F if w_R is None else w_R, out, F, h_R2F.stride(0), out.stride(0),
+                                 BLOCK_F=block, HAS_W=w_R is not None, num_warps=_warps(block))
     return out
 
 
-def launch_swiglu_bwd(h_R2F: Tensor, w_R: Tensor, g_RF: Tensor) -> tuple[Tensor, Tensor]:
+def launch_swiglu_bwd(h_R2F: Tensor, w_R: Tensor | None, g_RF: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (dh, dw); dw is an empty tensor when there is no weight."""
     R, F = h_R2F.shape[0], h_R2F.shape[1] // 2
     dh = torch.empty_like(h_R2F)
-    dw = torch.empty(R, dtype=torch.float32, device=h_R2F.device)
+    dw = torch.empty(R if w_R is not None else 0, dtype=torch.float32, device=h_R2F.device)
     if R and F:
         block = _block(F, 1024)
-        _swiglu_bwd_kernel[(R,)](h_R2F, w_R, g_RF, dh, dw, F, h_R2F.stride(0), g_RF.stride(0),
-                                 dh.stride(0), BLOCK_F=block, N_BLOCKS=triton.cdiv(F, block),
-                                 num_warps=_warps(block))
-    elif R:
+        _swiglu_bwd_kernel[(R,)](h_R2F, h_R2F if w_R is None else w_R, g_RF, dh, dw, F, h_R2F.stride(0),
+                                 g_RF.stride(0), dh.stride(0), BLOCK_F=block, N_BLOCKS=triton.cdiv(F, block),
+                                 HAS_W=w_R is not None, num_warps=_warps(block))
+    elif dw.numel():
         dw.zero_()
     return dh, dw
+
+
+def launch_combine_fwd(y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+    (T, K), D = idx_TK.shape, y_RD.shape[1]
+    out = y_RD.new_empty(T, D)
+    if T and D:
+        block = _block(D, max(64, 4096 // triton.next_power_of_2(K)))
+        grid = (T, triton.cdiv(D, block))
+        _combine_fwd_kernel[grid](y_RD, idx_TK, w_TK, out, D, y_RD.stride(0), out.stride(0), K=K,
+                                  K_PAD=triton.next_power_of_2(K), BLOCK_D=block, num_warps=4)
+    return out
+
+
+def launch_combine_bwd(y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor, g_TD: Tensor) -> tuple[Tensor, Tensor]:
+    (T, K), D = idx_TK.shape, y_RD.shape[1]
+    dy = torch.empty_like(y_RD)
+    dw = torch.empty(T, K, dtype=torch.float32, device=y_RD.device)
+    if T and D:
+        block = _block(D, max(64, 2048 // triton.next_power_of_2(K)))
+        _combine_bwd_kernel[(T,)](y_RD, idx_TK, w_TK, g_TD, dy, dw, D, y_RD.stride(0), g_TD.stride(0),
+                                  dy.stride(0), K=K, K_PAD=triton.next_power_of_2(K), BLOCK_D=block,
+                                  N_BLOCKS=triton.cdiv(D, block), num_warps=4)
+    elif T:
+        dw.zero_()
+    return dy, dw
 
 
 # --- custom ops: one opaque node each for torch.compile, capturable by CUDA graphs ---
@@ -172,7 +240,7 @@ if HAVE_TRITON:
         return y.new_empty(idx.shape[0], y.shape[1])
 
     @torch.library.custom_op("anymoe::swiglu_fwd", mutates_args=(), device_types="cuda")
-    def _swiglu_fwd_op(h: Tensor, w: Tensor) -> Tensor:
+    def _swiglu_fwd_op(h: Tensor, w: Tensor | None) -> Tensor:
         return launch_swiglu_fwd(h, w)
 
     @_swiglu_fwd_op.register_fake
@@ -180,12 +248,28 @@ if HAVE_TRITON:
         return h.new_empty(h.shape[0], h.shape[1] // 2)
 
     @torch.library.custom_op("anymoe::swiglu_bwd", mutates_args=(), device_types="cuda")
-    def _swiglu_bwd_op(h: Tensor, w: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    def _swiglu_bwd_op(h: Tensor, w: Tensor | None, g: Tensor) -> tuple[Tensor, Tensor]:
         return launch_swiglu_bwd(h, w, g)
 
     @_swiglu_bwd_op.register_fake
     def _(h, w, g):
-        return torch.empty_like(h), h.new_empty(h.shape[0], dtype=torch.float32)
+        return torch.empty_like(h), h.new_empty(h.shape[0] if w is not None else 0, dtype=torch.float32)
+
+    @torch.library.custom_op("anymoe::combine_fwd", mutates_args=(), device_types="cuda")
+    def _combine_fwd_op(y: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        return launch_combine_fwd(y, idx, w)
+
+    @_combine_fwd_op.register_fake
+    def _(y, idx, w):
+        return y.new_empty(idx.shape[0], y.shape[1])
+
+    @torch.library.custom_op("anymoe::combine_bwd", mutates_args=(), device_types="cuda")
+    def _combine_bwd_op(y: Tensor, idx: Tensor, w: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        return launch_combine_bwd(y, idx, w, g)
+
+    @_combine_bwd_op.register_fake
+    def _(y, idx, w, g):
+        return torch.empty_like(y), y.new_empty(idx.shape, dtype=torch.float32)
 
 
 class TritonDispatchOps(DispatchOps):
@@ -207,15 +291,26 @@ class TritonDispatchOps(DispatchOps):
             return TORCH_OPS.gather_sum(y_RD, idx_TK)
         return torch.ops.anymoe.gather_sum(y_RD, idx_TK.contiguous())
 
-    def swiglu_fwd(self, h_R2F: Tensor, w_R: Tensor) -> Tensor:
-        if not self._ok(h_R2F, w_R):
+    def swiglu_fwd(self, h_R2F: Tensor, w_R: Tensor | None) -> Tensor:
+        if not self._ok(h_R2F, *([] if w_R is None else [w_R])):
             return TORCH_OPS.swiglu_fwd(h_R2F, w_R)
         return torch.ops.anymoe.swiglu_fwd(h_R2F, w_R)
 
-    def swiglu_bwd(self, h_R2F: Tensor, w_R: Tensor, g_RF: Tensor) -> tuple[Tensor, Tensor]:
-        if not self._ok(h_R2F, w_R, g_RF):
+    def swiglu_bwd(self, h_R2F: Tensor, w_R: Tensor | None, g_RF: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not self._ok(h_R2F, g_RF, *([] if w_R is None else [w_R])):
             return TORCH_OPS.swiglu_bwd(h_R2F, w_R, g_RF)
-        return torch.ops.anymoe.swiglu_bwd(h_R2F, w_R, g_RF)
+        dh, dw = torch.ops.anymoe.swiglu_bwd(h_R2F, w_R, g_RF)
+        return dh, None if w_R is None else dw
+
+    def combine_fwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
+        if not self._ok(y_RD, w_TK):
+            return TORCH_OPS.combine_fwd(y_RD, idx_TK, w_TK)
+        return torch.ops.anymoe.combine_fwd(y_RD, idx_TK.contiguous(), w_TK)
+
+    def combine_bwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor, g_TD: Tensor) -> tuple[Tensor, Tensor]:
+        if not self._ok(y_RD, w_TK, g_TD):
+            return TORCH_OPS.combine_bwd(y_RD, idx_TK, w_TK, g_TD)
+        return torch.ops.anymoe.combine_bwd(y_RD, idx_TK.contiguous(), w_TK, g_TD)
 
 
 TRITON_OPS = TritonDispatchOps() if HAVE_TRITON else None

@@ -153,3 +153,70 @@ def test_torch_compile_and_cuda_graph_match_eager():
     fresh = _fast_step(args[0], static_ids.clone(), *args[1:], g, gmm)
     for a, b in zip(static_out, fresh):
         assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("K,D", [(1, 64), (2, 1024), (6, 2048), (8, 1000)])
+def test_weighted_combine_kernels(K, D):
+    T, E = 257, 16
+    gen = torch.Generator().manual_seed(K * 1000 + D)
+    index = dfast.build_route_index(_ids(T, K, E, gen).to(DEV), E)
+    pos = index.sorted_pos_TK.cpu()
+    y64 = torch.randn(T * K, D, generator=gen, dtype=torch.float64)
+    w64 = torch.rand(T, K, generator=gen, dtype=torch.float64)
+    g64 = torch.randn(T, D, generator=gen, dtype=torch.float64)
+    ry, rw = y64.clone().requires_grad_(), w64.clone().requires_grad_()
+    ref = (ry[pos.reshape(-1)].view(T, K, D) * rw[..., None]).sum(1)
+    ref.backward(g64)
+    y = y64.to(DEV, torch.bfloat16).requires_grad_()
+    w = w64.to(DEV, torch.float32).requires_grad_()
+    out = dfast.combine(y, index.sorted_pos_TK, w)
+    out.backward(g64.to(DEV, torch.bfloat16))
+    assert _rel(out, ref) < 1e-2 and _rel(y.grad, ry.grad) < 1e-2 and _rel(w.grad, rw.grad) < 1e-2
+
+
+def test_plain_swiglu_kernel():
+    R, Fh = 300, 1408
+    gen = torch.Generator().manual_seed(9)
+    h64 = (torch.randn(R, 2 * Fh, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    g64 = torch.randn(R, Fh, generator=gen, dtype=torch.float64)
+    ref = torch.nn.functional.silu(h64[:, :Fh]) * h64[:, Fh:]
+    ref.backward(g64)
+    h = h64.detach().to(DEV, torch.bfloat16).requires_grad_()
+    out = dfast.swiglu(h)
+    out.backward(g64.to(DEV, torch.bfloat16))
+    assert _rel(out, ref) < 1e-2 and _rel(h.grad, h64.grad) < 1e-2
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_fast_dispatcher_layer_on_gpu_matches_float64(capacity_factor):
+    """MoELayer(dispatcher=FastLocalDispatcher) in bf16 on the GPU vs the same layer in float64 on the CPU."""
+    from anymoe.core.backend import get_backend
+    from anymoe.core.moe import MoEConfig, MoELayer
+
+    # position drop policy: which pairs go over capacity depends on the ids alone, not on bf16 scores.
+    cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=96, capacity_factor=capacity_factor,
+                    drop_policy="position", fused_w13=True)
+    torch.manual_seed(3)
+    ref = MoELayer(cfg, 64).double()
+    gmm = get_backend("cuda").grouped_mm
+    fast = MoELayer(cfg, 64, grouped_mm=gmm, dispatcher=dfast.FastLocalDispatcher(8))
+    fast.load_state_dict(ref.state_dict())
+    fast = fast.to(DEV, torch.bfloat16)
+    x = torch.randn(4, 32, 64, dtype=torch.float64)
+    g = torch.randn(4, 32, 64, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    yr, _ = ref(xr)
+    yr.backward(g)
+    xf = x.to(DEV, torch.bfloat16).requires_grad_()
+    # Route both on the reference's choice so near-ties in bf16 cannot flip an expert.
+    yf, _ = fast(xf, replay_ids=_replay(ref, xr))
+    yf.backward(g.to(DEV, torch.bfloat16))
+    assert _rel(yf, yr) < 3e-2 and _rel(xf.grad, xr.grad) < 3e-2
+    grads = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        assert _rel(p.grad, grads[name].grad) < 3e-2, name
+
+
+def _replay(layer, x):
+    with torch.no_grad():
+        return layer.route(x.reshape(-1, x.shape[-1]), None, None).expert_ids_TK
