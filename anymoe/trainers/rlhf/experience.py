@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+PER_TOKEN = ("routing_NTK", "ref_router_NTE")  # lists of per-token tensors, rows b*L .. b*L+L-1
+
 
 @dataclass
 class Experience:
@@ -32,6 +34,7 @@ class Experience:
     ref_logp_BR: Tensor | None = None     # float [B, R]: frozen reference policy
     values_BR: Tensor | None = None       # float [B, R]: critic values (PPO)
     routing_NTK: list[Tensor] | None = None  # N x long [B*L, K]: rollout expert choices (routing replay)
+    ref_router_NTE: list[Tensor] | None = None  # N x float [B*L, E]: reference router probabilities
     reward_parts: dict[str, Tensor] = field(default_factory=dict)  # name -> float [B]
     texts: list[str] = field(default_factory=list)  # decoded responses, for logs
 
@@ -53,8 +56,9 @@ class Experience:
             t = getattr(self, name)
             assert t is None or tuple(t.shape) == (B, R), f"{name} has shape {tuple(t.shape)}, want {(B, R)}"
         assert tuple(self.scores_B.shape) == (B,), f"scores_B has shape {tuple(self.scores_B.shape)}"
-        for i, ids in enumerate(self.routing_NTK or []):
-            assert ids.shape[0] == B * L, f"routing_NTK[{i}] covers {ids.shape[0]} tokens, want {B * L}"
+        for name in PER_TOKEN:
+            for i, t in enumerate(getattr(self, name) or []):
+                assert t.shape[0] == B * L, f"{name}[{i}] covers {t.shape[0]} tokens, want {B * L}"
         return self
 
     def to(self, device: torch.device) -> Experience:
@@ -77,7 +81,7 @@ class Experience:
         kwargs = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "routing_NTK" and v is not None:
+            if f.name in PER_TOKEN and v is not None:
                 tok = (idx.view(-1, 1) * L + torch.arange(L)).reshape(-1).to(v[0].device)
                 v = [ids.index_select(0, tok) for ids in v]
             elif f.name == "texts":

@@ -66,6 +66,17 @@ def numeric_format(prompt: str, response: str, sample: Mapping[str, Any]) -> flo
     return float(re.fullmatch(r"-?\d+", response.strip()) is not None)
 
 
+@register_reward("digit_share")
+def digit_share(prompt: str, response: str, sample: Mapping[str, Any]) -> float:
+    """Share of the response's characters that are digits (0 for an empty response).
+
+    A dense shaping term for arithmetic: a fresh byte-level policy emits a digit with
+    probability ~10/259, so exact-answer rewards alone give almost no signal at first.
+    """
+    text = response.strip()
+    return sum(c.isdigit() for c in text) / len(text) if text else 0.0
+
+
 @register_reward("length_penalty")
 def length_penalty(prompt: str, response: str, sample: Mapping[str, Any]) -> float:
     """-(characters beyond the reference answer's length) / 10: a nudge toward short answers."""
@@ -116,4 +127,4 @@ class WeightedReward:
 
 
 __all__ = ["REWARDS", "RewardFn", "WeightedReward", "digit_match", "exact_answer", "length_penalty",
-           "numeric_format", "register_reward", "resolve_reward"]
+           "digit_share", "numeric_format", "register_reward", "resolve_reward"]

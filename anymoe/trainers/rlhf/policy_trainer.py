@@ -1,0 +1,208 @@
+"""One on-policy RL step for PPO, GRPO, REINFORCE++ and RLOO: rollout, update, measure.
+
+Legend: B sequences, R response tokens, N MoE layers, E experts.
+
+The algorithms differ only in configuration: the advantage estimator (gae needs the
+critic), where the KL to the reference goes (reward or loss) and the loss aggregation.
+A step is three named phases::
+
+    experiences, rollout_stats = rollout.make_experience(rows, prompts)
+    update_stats = update(experiences)          # epochs x micro-batches of policy (+ critic) steps
+    row = measure(experiences, rollout_stats, update_stats)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from anymoe.trainers.metrics import load_stats
+from anymoe.trainers.optim import LRSchedule, OptimConfig, build_optimizer
+from anymoe.trainers.rlhf.experience import Experience
+from anymoe.trainers.rlhf.losses import (
+    aggregate,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    truncated_is_weight,
+    value_loss,
+)
+from anymoe.trainers.rlhf.roles import Actor, Critic
+from anymoe.trainers.rlhf.rollout import Rollout, RolloutStats
+from anymoe.trainers.rlhf.routing import freeze_routers, router_kl
+
+
+def _moe_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if callable(getattr(m, "update_bias", None))]
+
+
+class PolicyTrainer:
+    """Owns the optimisers; ``step(rows, prompts)`` runs one RL iteration and returns a metrics row."""
+
+    def __init__(self, rollout: Rollout, optim: OptimConfig, backend: Any, total_steps: int,
+                 critic_optim: OptimConfig | None = None) -> None:
+        self.rollout = rollout
+        self.cfg = rollout.cfg
+        self.actor: Actor = rollout.actor
+        self.critic: Critic | None = rollout.critic
+        if self.cfg.moe.freeze_router:
+            freeze_routers(self.actor.module)
+        self.optimizer = build_optimizer(self.actor.module, optim, backend)
+        self.schedule = LRSchedule(optim, total_steps)
+        self.critic_optimizer = None
+        if self.critic is not None:
+            c_optim = critic_optim or OptimConfig(lr=self.cfg.critic.lr, min_lr=0.0, schedule="constant",
+                                                  warmup_steps=0)
+            self.critic_optimizer = build_optimizer(self.critic.module, c_optim, backend)
+        self.grad_clip = optim.grad_clip
+        self.shuffle = torch.Generator().manual_seed(1234)
+        self.step_count = 0
+
+    # ---- phase 2: update ----
+    def update(self, experiences: list[Experience]) -> dict[str, float]:
+        pol = self.cfg.policy
+        lr = self.schedule.apply(self.optimizer, self.step_count)
+        sums: dict[str, list[float]] = defaultdict(list)
+        first = True
+        for epoch in range(pol.epochs):
+            for exp in experiences:
+                # Epoch 0 walks the same consecutive chunks old_logp was computed on (ratio == 1 exactly).
+                for mb in exp.micro_batches(pol.micro_batch, self.shuffle if epoch > 0 else None):
+                    stats = self.policy_step(mb)
+                    if first:
+                        sums["first_ratio_max_dev"].append(stats["ratio_max_dev"])
+                        first = False
+                    if self.critic is not None:
+                        stats.update(self.critic_step(mb))
+                    for k, v in stats.items():
+                        sums[k].append(v)
+        out = {k: sum(v) / len(v) for k, v in sums.items()}
+        out["lr"] = lr
+        return out
+
+    def policy_step(self, mb: Experience) -> dict[str, float]:
+        """One optimiser step of the policy on one micro-batch: the loss terms, named."""
+        pol, moe = self.cfg.policy, self.cfg.moe
+        P = mb.prompt_len
+        replay = mb.routing_NTK if moe.routing_replay else None
+        logp, entropy, out = self.actor.logprobs(mb.sequences_BL, P, replay, entropy=True)
+        is_weight = None
+        if moe.tis_cap > 0:
+            is_weight = truncated_is_weight(mb.old_logp_BR, mb.rollout_logp_BR, moe.tis_cap)
+        pg, stats = policy_loss(logp, mb.old_logp_BR, mb.advantages_BR, mb.mask_BR, clip_eps=pol.clip_eps,
+                                clip_eps_high=pol.clip_eps_high or None, agg=pol.loss_agg,
+                                max_len=self.cfg.rollout.max_new_tokens, is_weight=is_weight)
+        loss = pg
+        if pol.kl_coef > 0 and not pol.kl_in_reward and mb.ref_logp_BR is not None:
+            kl = aggregate(kl_penalty(logp, mb.ref_logp_BR, pol.kl_kind), mb.mask_BR, pol.loss_agg,
+                           self.cfg.rollout.max_new_tokens)
+            loss = loss + pol.kl_coef * kl
+            stats["kl_loss"] = kl.item()
+        ent = masked_mean(entropy, mb.mask_BR)
+        if pol.entropy_coef > 0:
+            loss = loss - pol.entropy_coef * ent
+        if moe.router_kl_coef > 0 and mb.ref_router_NTE is not None:
+            tok_mask = self._token_mask(mb)
+            rkl = sum(router_kl(p, q, tok_mask) for p, q in zip(out.router_probs_NTE, mb.ref_router_NTE))
+            rkl = rkl / max(len(mb.ref_router_NTE), 1)
+            loss = loss + moe.router_kl_coef * rkl
+            stats["router_kl"] = rkl.item()
+        loss = loss + out.aux_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(list(self.actor.parameters()), self.grad_clip)
+            stats["grad_norm"] = float(norm)
+        self.optimizer.step()
+        if moe.update_bias:
+            for layer in _moe_layers(self.actor.module):
+                layer.update_bias()
+        with torch.no_grad():
+            ratio = torch.exp(logp - mb.old_logp_BR)
+            dev = ((ratio - 1).abs() * mb.mask_BR).max().item()
+        stats.update({"policy_loss": pg.item(), "entropy": ent.item(),
+                      "aux_loss": float(out.aux_loss.detach()), "ratio_max_dev": dev})
+        return stats
+
+    def critic_step(self, mb: Experience) -> dict[str, float]:
+        assert self.critic is not None and self.critic_optimizer is not None and mb.values_BR is not None
+        moe = self.cfg.moe
+        replay = mb.routing_NTK if moe.routing_replay else None
+        values = self.critic.values(mb.sequences_BL, mb.prompt_len, replay)
+        vloss, stats = value_loss(values, mb.values_BR, mb.returns_BR, mb.mask_BR,
+                                  clip_eps=self.cfg.critic.value_clip or None)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        (self.cfg.critic.coef * vloss).backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.critic.parameters()), self.grad_clip)
+        self.critic_optimizer.step()
+        stats["value_loss"] = vloss.item()
+        return stats
+
+    @staticmethod
+    def _token_mask(mb: Experience) -> Tensor:
+        B = mb.batch_size
+        return torch.cat([torch.ones(B, mb.prompt_len, device=mb.mask_BR.device), mb.mask_BR], 1).reshape(-1)
+
+    # ---- phase 3: measure ----
+    def measure(self, experiences: list[Experience], rstats: RolloutStats,
+                upd: Mapping[str, float]) -> dict[str, Any]:
+        scores = torch.cat([e.scores_B.float().cpu() for e in experiences])
+        lengths = torch.cat([e.mask_BR.sum(1).float().cpu() for e in experiences])
+        row: dict[str, Any] = {
+            "reward_mean": scores.mean().item(),
+            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "response_len": lengths.mean().item(), "loss": upd.get("policy_loss", 0.0),
+        }
+        parts: dict[str, list[Tensor]] = defaultdict(list)
+        for e in experiences:
+            for k, v in e.reward_parts.items():
+                parts[k].append(v.float().cpu())
+        for k, v in parts.items():
+            row[f"reward/{k}"] = torch.cat(v).mean().item()
+        kls = [(masked_mean(kl_penalty(e.old_logp_BR, e.ref_logp_BR, "k1"), e.mask_BR).item(), e.batch_size)
+               for e in experiences if e.ref_logp_BR is not None]
+        if kls:
+            row["kl"] = sum(k * n for k, n in kls) / sum(n for _, n in kls)
+        row.update({k: v for k, v in upd.items() if k != "policy_loss"})
+        row["routing_agreement"] = rstats.agreement.get("exact", 1.0)
+        row["routing_overlap"] = rstats.agreement.get("overlap", 1.0)
+        row["rollout_train_logp_gap"] = rstats.rollout_train_logp_gap
+        row["layers"] = self._expert_load(experiences)
+        return row
+
+    def _expert_load(self, experiences: list[Experience]) -> list[dict[str, Any]]:
+        layers: list[dict[str, Any]] = []
+        if not experiences or not experiences[0].routing_NTK:
+            return layers
+        E = 1 + max(int(t.max()) for e in experiences for t in e.routing_NTK)
+        E = max(E, self._num_experts())
+        for n in range(len(experiences[0].routing_NTK)):
+            counts = sum(torch.bincount(e.routing_NTK[n].reshape(-1).cpu(), minlength=E).float()
+                         for e in experiences)
+            layers.append(load_stats(counts))
+        return layers
+
+    def _num_experts(self) -> int:
+        """The model's expert count where a layer states it (0 if none does)."""
+        for m in self.actor.module.modules():
+            n = getattr(m, "num_experts", None)
+            if isinstance(n, int):
+                return n
+        return 0
+
+    # ---- the whole step ----
+    def step(self, rows: Sequence[Mapping[str, Any]], prompts: Sequence[str]) -> dict[str, Any]:
+        experiences, rstats = self.rollout.make_experience(rows, prompts)
+        upd = self.update(experiences)
+        row = self.measure(experiences, rstats, upd)
+        self.step_count += 1
+        row["step"] = self.step_count
+        return row
+
+
+__all__ = ["PolicyTrainer"]
