@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from anymoe.core.config import ConfigError
 from anymoe.data.collate import collate_lm, collate_preference, collate_prompts
 from anymoe.data.config import DataConfig
@@ -30,6 +32,7 @@ from anymoe.data.datasets import (
     DocumentLMDataset,
     ListDataset,
     PackedLMDataset,
+    PreferencePair,
     PromptItem,
     Sample,
     pack_samples,
@@ -93,23 +96,35 @@ class DataBundle:
         return BatchStream(self.train, self.collate, sampler)
 
     def eval_batches(self, global_batch: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[dict[str, Any]]:
-        """Every eval sample once, in file order. A short last batch is filled up to a multiple of
-        dp_size with rows that carry no loss (labels all -100), so every rank runs the same number
-        of batches (no collective hangs) and the summed loss is the same for any dp_size."""
+        """Every eval sample once, in file order, in global batches cut like training batches.
+
+        A short last batch is filled up to a multiple of dp_size, so every rank runs the same
+        number of batches (no collective hangs). Filler rows carry no loss (labels all -100), so
+        a loss summed over ranks is the same for any dp_size; every batch also has ``row_valid``
+        [B] (bool, False on filler rows) for per-row metrics (reward accuracy, prompt rewards).
+        """
         if global_batch % dp_size:
             raise ConfigError("global_batch", f"{global_batch} is not divisible by {dp_size} ranks")
         n = len(self.eval)
         for start in range(0, n, global_batch):
             rows = [self.eval[i] for i in range(start, min(n, start + global_batch))]
+            n_real = len(rows)
             while len(rows) % dp_size:
                 rows.append(self._filler(rows[0]))
             per = len(rows) // dp_size
-            yield self.collate(rows[dp_rank * per:(dp_rank + 1) * per])
+            lo = dp_rank * per
+            batch = self.collate(rows[lo:lo + per])
+            batch["row_valid"] = torch.arange(lo, lo + per) < n_real
+            yield batch
 
     def _filler(self, like: Any) -> Any:
-        if self.kind != "lm":
-            return like  # preference/prompt eval is counted per item by the caller; no padding rows
-        return Sample([self.tokenizer.pad_id] * len(like.input_ids), [IGNORE] * len(like.input_ids))
+        if self.kind == "lm":
+            return Sample([self.tokenizer.pad_id] * len(like.input_ids), [IGNORE] * len(like.input_ids))
+        if self.kind == "preference":  # a real pair's shape, no loss tokens; row_valid marks it
+            blank = [IGNORE] * len(like.chosen.labels), [IGNORE] * len(like.rejected.labels)
+            return PreferencePair(like.prompt, Sample(like.chosen.input_ids, blank[0]),
+                                  Sample(like.rejected.input_ids, blank[1]))
+        return like  # a prompt: the caller skips it through row_valid
 
 
 def _documents(cfg: DataConfig, paths: list[str], field: str) -> list[str]:

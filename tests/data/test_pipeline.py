@@ -125,3 +125,16 @@ def test_jsonl_text_and_unpacked(tmp_path):
     b = data.train_stream(2).next_batch()
     assert data.tokenizer.decode(b["input_ids"][0].tolist()) == "hello"
     assert b["labels"][0].tolist()[:6] == [*data.tokenizer.encode("ello"), data.tokenizer.eos_id, IGNORE]
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_eval_row_valid_counts_every_pair_once(dp):
+    data = build_data(_cfg(format="preference", path="shipped:addition_preferences.jsonl", seq_len=16,
+                           eval_split=0.0053))  # 11 held-out pairs: the last batch of 4 needs filler for dp=4
+    assert len(data.eval) == 11
+    per_rank = [list(data.eval_batches(4, r, dp)) for r in range(dp)]
+    assert len({len(b) for b in per_rank}) == 1
+    assert sum(int(b["row_valid"].sum()) for bs in per_rank for b in bs) == 11
+    for bs in per_rank:
+        for b in bs:
+            assert (b["chosen_labels"][~b["row_valid"]] == IGNORE).all()
