@@ -120,3 +120,78 @@ def test_ep_layer_parity(world: int) -> None:
         for case, diffs in per_case.items():
             bad = {k: v for k, v in diffs.items() if not v <= TOL}
             assert not bad, f"rank {rank} {case}: {bad}"
+
+
+# ------------------------------------------------------------------------------------------------
+# 20 training steps: the loss curve at EP 2 and 4 equals one process on the global batch.
+# ------------------------------------------------------------------------------------------------
+
+STEPS = 20
+TRAIN_CASES = {"fast": [(4, "alltoall", None), (2, "hierarchical", 1)],
+               "slow": [(4, "allgather", None), (4, "hierarchical", 2), (2, "allgather", None)]}
+
+
+class _TinyLM(torch.nn.Module):
+    """in-proj -> MoE (+ residual) -> out-proj; enough to train router, experts and dense weights."""
+
+    def __init__(self, cfg: MoEConfig, dispatcher=None) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(D, D)
+        self.moe = MoELayer(cfg, D, dispatcher=dispatcher)
+        self.out = torch.nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor):
+        h = self.inp(x)
+        y, aux = self.moe(h)
+        return self.out(h + y), aux
+
+
+def _curve(model: _TinyLM, batches: list[tuple[torch.Tensor, torch.Tensor]], groups=None) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    losses = []
+    for x, target in batches:
+        opt.zero_grad()
+        y, aux = model(x)
+        task = (y - target).square().mean()
+        (task + aux.loss).backward()
+        if groups is not None:
+            sync_gradients(model, groups)
+            task = C.all_reduce(task.detach(), groups.world, "avg")
+        opt.step()
+        model.moe.update_bias()
+        losses.append(float(task))
+    return losses
+
+
+def _train_worker(rank: int, world: int, which: str) -> dict[str, list[list[float]]]:
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(D, D, generator=g) / D**0.5  # a learnable target: tanh(x A)
+    xs = [torch.randn(world * B, S, D, generator=g) for _ in range(STEPS)]
+    batches = [(x, torch.tanh(x @ teacher)) for x in xs]
+    cfg = _moe_cfg(0, False)
+    torch.manual_seed(21)
+    ref = _curve(_TinyLM(cfg), batches)
+    out = {}
+    shard = slice(rank * B, (rank + 1) * B)
+    for ep, name, node in TRAIN_CASES[which]:
+        groups = build_parallel_groups(ParallelConfig(ep=ep, node_size=node, dispatcher=name), "cpu",
+                                       num_experts=E)
+        torch.manual_seed(21)
+        model = _TinyLM(cfg, build_dispatcher(cfg, groups))
+        attach_groups(model, groups)
+        out[f"ep{ep}/{name}/node{node}"] = [_curve(model, [(x[shard], t[shard]) for x, t in batches], groups),
+                                            ref]
+    return out
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("which", ["fast", pytest.param("slow", marks=pytest.mark.slow)])
+def test_twenty_steps_same_loss_curve(which: str) -> None:
+    results = launch(_train_worker, 4, (which,), timeout_s=300, start_method="fork")
+    for rank, per_case in enumerate(results):
+        for case, (curve, ref) in per_case.items():
+            assert len(curve) == STEPS
+            rel = max(abs(a - b) / abs(b) for a, b in zip(curve, ref))
+            assert rel <= TOL, f"rank {rank} {case}: max rel diff {rel:.2e}\n{curve}\n{ref}"
+    curve, ref = next(iter(results[0].values()))
+    assert ref[-1] < 0.8 * ref[0], f"the reference did not learn: {ref}"
