@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from anymoe.core import collectives
+from anymoe.core.collectives import Group
 from anymoe.core.config import ConfigError, param
 
 LOSS_NAMES = ("aux_loss", "seq_aux_loss", "ep_group_loss", "z_loss")
@@ -58,10 +60,15 @@ class BalanceConfig:
 
 
 def all_reduce_sum(t: Tensor, group: object | None) -> Tensor:
-    """Sum over a process group (a copy); identity for None or a world of one."""
-    if group is None or not dist.is_available() or not dist.is_initialized():
+    """Sum over a process group (a detached copy); identity for None or a group of one.
+
+    ``group``: an anymoe.core.collectives.Group or a raw torch.distributed ProcessGroup.
+    """
+    if group is None:
         return t
-    if dist.get_world_size(group) == 1:
+    if isinstance(group, Group):
+        return collectives.all_reduce(t.detach(), group, "sum")
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return t
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)

@@ -165,3 +165,41 @@ def test_bias_not_updated_in_eval_or_when_disabled():
     plain(torch.randn(2, 3, 8))
     plain.update_bias()
     assert plain.router.expert_bias.abs().sum() == 0
+
+
+def _global_worker(rank: int, world: int) -> dict[str, object]:
+    import torch.distributed as dist
+
+    from anymoe.core.collectives import world_group
+
+    torch.manual_seed(0)  # same weights on every rank
+    layer = _layer(aux_loss=1.0, ep_group_loss=1.0, ep_groups=2, global_batch=True, aux_free=True)
+    group = world_group() if rank == 0 else dist.group.WORLD  # a Group and a raw ProcessGroup both work
+    layer.set_process_groups(dp=group, ep=group, bias=group)
+    torch.manual_seed(100 + rank)  # different tokens per rank
+    _, aux = layer(torch.randn(1, 6 + rank, 8))
+    aux.loss.backward()
+    loads = layer.router.load_accum.clone()
+    layer.update_bias()
+    return {"ids": aux.expert_ids, "probs": aux.router_probs.detach(), "losses": {k: v.detach() for k, v in
+            aux.losses.items()}, "bias": layer.router.expert_bias.clone(), "loads": loads,
+            "grad": layer.router.weight.grad.abs().sum()}
+
+
+@pytest.mark.multiproc
+def test_global_batch_and_ep_group_losses_over_two_processes():
+    from anymoe.core.launch import launch
+
+    res = launch(_global_worker, 2, timeout_s=120, start_method="fork")
+    all_ids = torch.cat([r["ids"] for r in res])
+    counts = torch.bincount(all_ids.reshape(-1), minlength=4).float()
+    f = counts * 4 / all_ids.numel()  # f_i from the counts of both ranks
+    for r in res:
+        P = r["probs"].mean(0)  # P_i from this rank's tokens
+        assert r["losses"]["aux_loss"].item() == pytest.approx(float((f * P).sum()))
+        want_ep = float(f.view(2, 2).mean(-1) @ P.view(2, 2).sum(-1))
+        assert r["losses"]["ep_group_loss"].item() == pytest.approx(want_ep)
+        assert r["grad"] > 0
+    loads = res[0]["loads"] + res[1]["loads"]
+    torch.testing.assert_close(res[0]["bias"], res[1]["bias"])  # every replica takes the same step
+    torch.testing.assert_close(res[0]["bias"], 1e-3 * torch.sign(loads.mean() - loads))
