@@ -56,7 +56,57 @@ from torch import Tensor
 
 from anymoe.core import collectives as C
 from anymoe.core.collectives import Group
-from anymoe.core.dispatch import LocalDispatcher, TokenDispatcher, sort_by_expert, weighted_unpermute
+from anymoe.core.dispatch import LocalDispatcher, TokenDispatcher, sort_by_expert
+from anymoe.core.dispatch_fast import combine as fast_combine
+from anymoe.core.dispatch_fast import dispatch_ops_for
+
+# ---------------------------------------------------------------------------------------------
+# Row movement without atomics: a gather and its adjoint, a gather-sum over a padded index.
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad_row(t: Tensor) -> Tensor:
+    """``t`` with one zero row appended: the target of index entries that mean "nothing"."""
+    return torch.cat([t, t.new_zeros(1, t.shape[1])], dim=0)
+
+
+class _ExpandRows(torch.autograd.Function):
+    """out[s] = x[src[s]]; backward: dx[r] = sum_j g[pos[r, j]] (pos = len(src): nothing)."""
+
+    @staticmethod
+    def forward(ctx, x_RD: Tensor, src_S: Tensor, pos_RJ: Tensor) -> Tensor:
+        ctx.save_for_backward(src_S, pos_RJ)
+        return dispatch_ops_for(x_RD).gather_rows(x_RD, src_S)
+
+    @staticmethod
+    def backward(ctx, g_SD: Tensor):
+        src_S, pos_RJ = ctx.saved_tensors
+        g = _pad_row(g_SD.contiguous())
+        return dispatch_ops_for(g).gather_sum(g, pos_RJ), None, None
+
+
+class _ReduceRows(torch.autograd.Function):
+    """out[r] = sum_j y[pos[r, j]] (fp32 accumulation); backward: dy[s] = g[src[s]]."""
+
+    @staticmethod
+    def forward(ctx, y_SD: Tensor, src_S: Tensor, pos_RJ: Tensor) -> Tensor:
+        ctx.save_for_backward(src_S, pos_RJ)
+        y = _pad_row(y_SD.contiguous())
+        return dispatch_ops_for(y).gather_sum(y, pos_RJ)
+
+    @staticmethod
+    def backward(ctx, g_RD: Tensor):
+        src_S, pos_RJ = ctx.saved_tensors
+        return dispatch_ops_for(g_RD).gather_rows(g_RD.contiguous(), src_S), None, None
+
+
+def _inverse_index(src_S: Tensor, slot_S: Tensor, rows: int, slots: int) -> Tensor:
+    """pos[r, j] = s where (src[s], slot[s]) = (r, j), else len(src) (the pad row)."""
+    S = src_S.numel()
+    pos = torch.full((rows * slots,), S, dtype=torch.int64, device=src_S.device)
+    pos.scatter_(0, src_S * slots + slot_S, torch.arange(S, device=src_S.device))  # unique targets
+    return pos.view(rows, slots)
+
 
 # ---------------------------------------------------------------------------------------------
 # Phases shared by every dispatcher.
@@ -67,9 +117,9 @@ from anymoe.core.dispatch import LocalDispatcher, TokenDispatcher, sort_by_exper
 class HopMeta:
     group: Group
     src_row_S: Tensor  # [S] int64: input row each sent row copies (sorted by destination)
+    pos_RP: Tensor  # [R, P] int64: sent row of (row, member), S where the row is not sent there
     send_splits: list[int]  # rows sent to each member
     recv_splits: list[int]  # rows received from each member
-    num_rows: int  # R, rows into the hop
 
 
 def hop(x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor, dest_RK: Tensor, group: Group
@@ -83,6 +133,7 @@ def hop(x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor, dest_RK: Tensor, group: Grou
     P = group.size
     to_RP = (dest_RK.unsqueeze(-1) == torch.arange(P, device=dest_RK.device)).any(1)
     dest_S, src_row_S = to_RP.t().nonzero(as_tuple=True)  # sorted by destination, then row
+    pos_RP = _inverse_index(src_row_S, dest_S, R, P)
     send_splits_P = to_RP.sum(0)
     here_SK = dest_RK.index_select(0, src_row_S) == dest_S.unsqueeze(1)
     send_ids_SK = torch.where(here_SK, ids_RK.index_select(0, src_row_S), -1)
@@ -93,25 +144,23 @@ def hop(x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor, dest_RK: Tensor, group: Grou
     acc = torch.promote_types(w_RK.dtype, torch.float32)
     meta_SK2 = torch.cat([send_w_SK.to(acc), send_ids_SK.to(acc)], dim=1)
     recv_meta = C.all_to_all(meta_SK2, group, recv_splits, send_splits)
-    x_QD = C.all_to_all(x_RD.index_select(0, src_row_S), group, recv_splits, send_splits)
+    x_SD = _ExpandRows.apply(x_RD, src_row_S, pos_RP)
+    x_QD = C.all_to_all(x_SD, group, recv_splits, send_splits)
     w_QK = recv_meta[:, :K].to(w_RK.dtype)
     ids_QK = recv_meta[:, K:].detach().round().to(ids_RK.dtype)
-    return x_QD, ids_QK, w_QK, HopMeta(group, src_row_S, send_splits, recv_splits, R)
+    return x_QD, ids_QK, w_QK, HopMeta(group, src_row_S, pos_RP, send_splits, recv_splits)
 
 
 def hop_back(y_QD: Tensor, meta: HopMeta) -> Tensor:
     """Partial outputs back to the rows they came from, summed per row (fp32 accumulation)."""
     y_SD = C.all_to_all(y_QD, meta.group, meta.send_splits, meta.recv_splits)
-    acc = torch.promote_types(y_SD.dtype, torch.float32)
-    out = torch.zeros(meta.num_rows, y_SD.shape[1], dtype=acc, device=y_SD.device)
-    return out.index_add(0, meta.src_row_S, y_SD.to(acc)).to(y_SD.dtype)
+    return _ReduceRows.apply(y_SD, meta.src_row_S, meta.pos_RP)
 
 
 @dataclass(frozen=True)
 class LocalMeta:
-    sorted_pos_RK: Tensor  # [R, K] position of pair (r, k) among the sorted pairs (kept first)
+    pos_RK: Tensor  # [R, K] sorted row of pair (r, k); N (the pad row) for pairs not computed here
     w_RK: Tensor  # [R, K] combine weights, 0 for pairs not computed here
-    num_kept: int  # pairs computed here (the first num_kept sorted rows)
 
 
 def local_permute(x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor, offset: int, num_local: int
@@ -120,21 +169,23 @@ def local_permute(x_RD: Tensor, ids_RK: Tensor, w_RK: Tensor, offset: int, num_l
 
     -> (rows [N, D], rows per local expert [E_l], record). One host read (N) sizes the rows.
     """
-    K = ids_RK.shape[1]
+    R, K = ids_RK.shape
     mine_RK = (ids_RK >= offset) & (ids_RK < offset + num_local)
     local_RK = torch.where(mine_RK, ids_RK - offset, -1)
     perm, counts_E, sorted_pos_RK = sort_by_expert(local_RK, num_local)
-    num_kept = int(counts_E.sum())
-    x_ND = x_RD.index_select(0, torch.div(perm[:num_kept], K, rounding_mode="floor"))
-    w_RK = w_RK * mine_RK.to(w_RK.dtype)
-    return x_ND, counts_E, LocalMeta(sorted_pos_RK, w_RK, num_kept)
+    N = int(counts_E.sum())
+    pos_RK = torch.where(mine_RK, sorted_pos_RK, N)
+    x_ND = _ExpandRows.apply(x_RD, torch.div(perm[:N], K, rounding_mode="floor"), pos_RK)
+    return x_ND, counts_E, LocalMeta(pos_RK, w_RK * mine_RK.to(w_RK.dtype))
 
 
 def local_combine(y_ND: Tensor, meta: LocalMeta) -> Tensor:
-    """One row per input row: sum_k w[r, k] y[pair (r, k)], pairs computed elsewhere count 0."""
-    R, K = meta.sorted_pos_RK.shape
-    pad = y_ND.new_zeros(R * K - meta.num_kept, y_ND.shape[1])
-    return weighted_unpermute(torch.cat([y_ND, pad], dim=0), meta.sorted_pos_RK, meta.w_RK)
+    """One row per input row: sum_k w[r, k] y[pair (r, k)]; pairs computed elsewhere add 0.
+
+    The fast-op weighted gather-sum (fp32 accumulation); pairs not here read the zero pad
+    row with weight 0, so they add nothing and get no gradient.
+    """
+    return fast_combine(_pad_row(y_ND), meta.pos_RK, meta.w_RK)
 
 
 # ---------------------------------------------------------------------------------------------
