@@ -21,7 +21,6 @@ Legend: B batch, S sequence, T tokens (B*S), D model dim, E experts, K top-k, C 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -230,13 +229,6 @@ class MoELayer(nn.Module):
         loads = all_reduce_sum(self.router.load_accum, group if group is not None else self.bias_group)
         aux_free_update(self.router.expert_bias, loads, self.cfg.balance.bias_update_rate)
         self.router.load_accum.zero_()
-
-
-def capacity_of(cfg: MoEConfig, num_tokens: int) -> int:
-    """Pairs per expert kept at ``cfg.capacity_factor`` for a batch of ``num_tokens`` (inf if dropless)."""
-    if cfg.capacity_factor is None:
-        return math.inf  # type: ignore[return-value]
-    return capacity_per_expert(num_tokens, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
 
 
 def replace(cfg: MoEConfig, **changes) -> MoEConfig:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from anymoe.core.config import ConfigError, load_config
 from anymoe.core.grouped_mm import grouped_mm_padded
 from anymoe.core.moe import MoEAux, MoEConfig, MoELayer, moe_stats
+from anymoe.core.moe import replace as moe_replace
 from anymoe.core.sizing import POW2, ExpertSizingPolicy
 
 
@@ -308,7 +309,31 @@ def test_bf16_input_router_in_fp32():
     assert y.dtype == torch.bfloat16 and aux.router_probs.dtype == torch.float32
 
 
-def test_replace_helper_is_frozen_safe():
-    cfg = make_cfg()
+def test_config_is_frozen_and_replace_merges_sub_configs():
+    cfg = make_cfg(balance={"aux_loss": 0.01})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.top_k = 3  # type: ignore[misc]
+    new = moe_replace(cfg, top_k=3, balance={"z_loss": 0.1})
+    assert new.top_k == 3 and new.balance.z_loss == 0.1 and new.balance.aux_loss == 0.01
+    assert cfg.top_k == 2 and cfg.balance.z_loss == 0.0
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_plugged_in_fast_dispatcher_matches_reference(capacity):
+    """Another TokenDispatcher (the fast local one) in the layer: same outputs and gradients."""
+    from anymoe.core.dispatch_fast import FastLocalDispatcher
+
+    torch.manual_seed(9)
+    cfg = make_cfg(capacity_factor=capacity, shared_experts=1, fused_w13=True)
+    layer = MoELayer(cfg, 4, dispatcher=FastLocalDispatcher(6), sizing=POW2).double()
+    x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
+    _, aux = layer(x)
+    torch.manual_seed(9)
+    plain = MoELayer(cfg, 4, sizing=POW2).double()
+    out, g = grads_of(layer, x, lambda: layer(x)[0])
+    ref, g_ref = grads_of(plain, x, lambda: plain(x)[0])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for key in g:
+        torch.testing.assert_close(g[key], g_ref[key], rtol=1e-9, atol=1e-12, msg=key)
+    if capacity:
+        assert int(aux.dropped) > 0
