@@ -132,6 +132,10 @@ class MoETransformer(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if parallel is not None and getattr(parallel, "world_size", 1) > 1:
+            from anymoe.core.parallel import attach_groups
+
+            attach_groups(self, parallel)
 
     # ----------------------------------------------------------------------------------------- init
     @torch.no_grad()
