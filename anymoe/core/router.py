@@ -127,6 +127,12 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _linear_fp32(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w.T in x's dtype with autocast off: under bf16 autocast F.linear would run in bf16."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x, w.to(x.dtype))
+
+
 class Router(nn.Module):
     """Base router: a learned gate ``weight`` [E, D] and the aux-free selection bias.
 
@@ -154,7 +160,7 @@ class Router(nn.Module):
         if self.training and self.cfg.jitter > 0:  # Switch Transformer input jitter
             noise = torch.empty_like(x).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
             x = x * noise
-        return F.linear(x, self.weight.to(dt))
+        return _linear_fp32(x, self.weight)
 
     def scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
         """(scores used for weights, probabilities used by balance losses)."""
@@ -226,7 +232,7 @@ class NoisyTopKRouter(Router):
         if not self.training:
             return clean
         dt = clean.dtype
-        std = F.softplus(F.linear(x_TD.to(dt), self.noise_weight.to(dt)))
+        std = F.softplus(_linear_fp32(x_TD.to(dt), self.noise_weight))
         return clean + torch.randn_like(clean) * std
 
 

@@ -206,7 +206,7 @@ def test_expert_choice_matches_reference():
         c = layer.experts.canonical()
         y = [torch.zeros(4, dtype=torch.float64) for _ in range(9)]
         for e in range(6):
-            for t in sorted(range(9), key=lambda t: -float(probs[t, e]))[:C]:
+            for t in sorted(range(9), key=lambda t: -float(probs[t, e].detach()))[:C]:
                 h = F.silu(xs[t] @ c["w1"][e]) * (xs[t] @ c["w3"][e])
                 y[t] = y[t] + probs[t, e] * (h @ c["w2"][e])
         return torch.stack(y).view(1, 9, 4)

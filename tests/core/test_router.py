@@ -216,6 +216,17 @@ def test_router_math_is_float32_for_bf16():
     assert out.probs_TE.dtype == torch.float32 and out.weights_TK.dtype == torch.float32
 
 
+def test_router_stays_float32_under_bf16_autocast():
+    torch.manual_seed(10)
+    router = build_router(E, K, D, rcfg(kind="noisy_topk"))
+    x = torch.randn(6, D)
+    router.eval()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = router(x)
+    assert out.logits_TE.dtype == torch.float32
+    torch.testing.assert_close(out.logits_TE, x @ router.weight.t(), rtol=1e-6, atol=1e-6)
+
+
 def test_sinkhorn_selection_balances_a_skewed_router():
     torch.manual_seed(9)
     router = build_router(E, 1, D, rcfg(), BalanceConfig(sinkhorn=True, sinkhorn_iters=20)).double()
