@@ -45,13 +45,16 @@ def _warps(block: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, D, stride_x, stride_o, BLOCK_D: tl.constexpr):
-        r = tl.program_id(0)
+    def _gather_rows_kernel(x_ptr, idx_ptr, out_ptr, R, D, stride_x, stride_o,
+                            ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+        # A [ROWS, BLOCK_D] tile: ROWS consecutive output rows, so the stores are contiguous.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask = cols < D
-        src = tl.load(idx_ptr + r).to(tl.int64)
-        vals = tl.load(x_ptr + src * stride_x + cols, mask=mask)
-        tl.store(out_ptr + r.to(tl.int64) * stride_o + cols, vals, mask=mask)
+        rmask = rows < R
+        mask = rmask[:, None] & (cols < D)[None, :]
+        src = tl.load(idx_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        vals = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask)
+        tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], vals, mask=mask)
 
     @triton.jit
     def _gather_sum_kernel(
@@ -150,10 +153,11 @@ def launch_gather_rows(x_ND: Tensor, idx_R: Tensor) -> Tensor:
     R, D = idx_R.shape[0], x_ND.shape[1]
     out = x_ND.new_empty(R, D)
     if R and D:
-        block = _block(D, 2048)
-        grid = (R, triton.cdiv(D, block))
-        _gather_rows_kernel[grid](x_ND, idx_R, out, D, x_ND.stride(0), out.stride(0),
-                                  BLOCK_D=block, num_warps=_warps(block))
+        block = _block(D, 1024)
+        rows = 4
+        grid = (triton.cdiv(R, rows), triton.cdiv(D, block))
+        _gather_rows_kernel[grid](x_ND, idx_R, out, R, D, x_ND.stride(0), out.stride(0),
+                                  ROWS=rows, BLOCK_D=block, num_warps=4)
     return out
 
 
@@ -272,6 +276,11 @@ if HAVE_TRITON:
         return torch.empty_like(y), y.new_empty(idx.shape, dtype=torch.float32)
 
 
+def _eager() -> bool:
+    """Outside torch.compile the launchers run directly: the custom-op layer only adds host time."""
+    return not torch.compiler.is_compiling()
+
+
 class TritonDispatchOps(DispatchOps):
     """The fast path's kernels in Triton; the pure-torch ops for what they do not cover."""
 
@@ -284,33 +293,42 @@ class TritonDispatchOps(DispatchOps):
     def gather_rows(self, x_ND: Tensor, idx_R: Tensor) -> Tensor:
         if not self._ok(x_ND):
             return TORCH_OPS.gather_rows(x_ND, idx_R)
+        if _eager():
+            return launch_gather_rows(x_ND, idx_R.contiguous())
         return torch.ops.anymoe.gather_rows(x_ND, idx_R.contiguous())
 
     def gather_sum(self, y_RD: Tensor, idx_TK: Tensor) -> Tensor:
         if not self._ok(y_RD):
             return TORCH_OPS.gather_sum(y_RD, idx_TK)
+        if _eager():
+            return launch_gather_sum(y_RD, idx_TK.contiguous())
         return torch.ops.anymoe.gather_sum(y_RD, idx_TK.contiguous())
 
     def swiglu_fwd(self, h_R2F: Tensor, w_R: Tensor | None) -> Tensor:
         if not self._ok(h_R2F, *([] if w_R is None else [w_R])):
             return TORCH_OPS.swiglu_fwd(h_R2F, w_R)
+        if _eager():
+            return launch_swiglu_fwd(h_R2F, w_R)
         return torch.ops.anymoe.swiglu_fwd(h_R2F, w_R)
 
     def swiglu_bwd(self, h_R2F: Tensor, w_R: Tensor | None, g_RF: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self._ok(h_R2F, g_RF, *([] if w_R is None else [w_R])):
             return TORCH_OPS.swiglu_bwd(h_R2F, w_R, g_RF)
-        dh, dw = torch.ops.anymoe.swiglu_bwd(h_R2F, w_R, g_RF)
+        op = launch_swiglu_bwd if _eager() else torch.ops.anymoe.swiglu_bwd
+        dh, dw = op(h_R2F, w_R, g_RF)
         return dh, None if w_R is None else dw
 
     def combine_fwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         if not self._ok(y_RD, w_TK):
             return TORCH_OPS.combine_fwd(y_RD, idx_TK, w_TK)
-        return torch.ops.anymoe.combine_fwd(y_RD, idx_TK.contiguous(), w_TK)
+        op = launch_combine_fwd if _eager() else torch.ops.anymoe.combine_fwd
+        return op(y_RD, idx_TK.contiguous(), w_TK)
 
     def combine_bwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor, g_TD: Tensor) -> tuple[Tensor, Tensor]:
         if not self._ok(y_RD, w_TK, g_TD):
             return TORCH_OPS.combine_bwd(y_RD, idx_TK, w_TK, g_TD)
-        return torch.ops.anymoe.combine_bwd(y_RD, idx_TK.contiguous(), w_TK, g_TD)
+        op = launch_combine_bwd if _eager() else torch.ops.anymoe.combine_bwd
+        return op(y_RD, idx_TK.contiguous(), w_TK, g_TD)
 
 
 TRITON_OPS = TritonDispatchOps() if HAVE_TRITON else None

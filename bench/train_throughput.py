@@ -1,0 +1,293 @@
+"""Full training steps on one GPU: anymoe's MoE transformer vs transformers' Qwen3-MoE, same shape.
+
+The issue-9 shape (preset ``moe-1b``): d=1024, 12 layers, 16 heads / 4 KV heads, head_dim 64,
+64 experts, top-8, expert hidden 512, vocab 32000, untied: 1.306B total, 216M active.
+Batch 8 x 2048 tokens, bf16 parameters, fused AdamW, router aux loss on, random tokens.
+
+For each variant: median step time (CUDA events) -> tokens/s, MFU against the datasheet
+peak (FLOPs per token = 6 * active params + 12 * layers * seq * heads * head_dim, issue 9),
+peak memory; optionally with activation checkpointing; and a kernel-time profile of two
+steps bucketed by phase (expert GEMMs, dense GEMMs, attention, dispatch, optimizer, ...).
+
+Variants:
+    hf            transformers Qwen3MoeForCausalLM, experts_implementation=grouped_mm, sdpa
+    anymoe        anymoe MoETransformer as built by default (LocalDispatcher, eager SwiGLU)
+    anymoe_fast   the same model with FastLocalDispatcher (Triton permute/combine) and the
+                  one-pass SwiGLU in the experts (fused w13)
+
+    PYTHONPATH=. python bench/train_throughput.py --out bench/results/train_throughput_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+from anymoe.core import dispatch_fast as dfast
+
+H100_PEAK_BF16 = 989e12  # dense bf16 datasheet peak (issue 9's MFU denominator)
+SHAPE = dict(d=1024, layers=12, heads=16, kv_heads=4, head_dim=64, experts=64, top_k=8, expert_hidden=512,
+             vocab=32000)
+AUX_COEF = 0.01  # router aux loss coefficient (anymoe's moe-1b preset; the same for transformers)
+ANCHOR = {"hf_tokens_per_s": 76570, "hf_step_s": 0.214, "hf_mfu": 0.124, "hf_peak_gib": 31.8}
+
+
+def flops_per_token(active_params: int, seq: int) -> float:
+    s = SHAPE
+    return 6.0 * active_params + 12.0 * s["layers"] * seq * s["heads"] * s["head_dim"]
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def build_hf(dev):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    s = SHAPE
+    cfg = Qwen3MoeConfig(vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=4 * s["d"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], num_experts=s["experts"],
+                         num_experts_per_tok=s["top_k"], moe_intermediate_size=s["expert_hidden"],
+                         norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=AUX_COEF,
+                         tie_word_embeddings=False, max_position_embeddings=4096, decoder_sparse_step=1,
+                         mlp_only_layers=[])
+    cfg._experts_implementation = "grouped_mm"
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg).to(dev, torch.bfloat16)
+    model.config.use_cache = False
+    active = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    active -= s["layers"] * (s["experts"] - s["top_k"]) * 3 * s["d"] * s["expert_hidden"]
+
+    def loss_fn(ids, labels):
+        out = model(input_ids=ids, labels=labels)  # CE (fp32 upcast inside) + aux_coef * aux loss
+        return out.loss
+
+    def checkpointing(on):
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+    return model, loss_fn, active, checkpointing
+
+
+def build_anymoe(dev, fast):
+    from anymoe.core.backend import get_backend
+    from anymoe.models.presets import preset
+
+    cfg = preset("moe-1b", moe={"fused_w13": True, "balance": {"aux_loss": AUX_COEF, "z_loss": 0.0}})
+    backend = get_backend("cuda")
+    torch.manual_seed(0)
+    from anymoe.models.transformer import MoETransformer
+
+    dispatcher = dfast.FastLocalDispatcher(cfg.moe.num_experts) if fast else None
+    model = MoETransformer(cfg, backend=backend, dispatcher=dispatcher)
+    if fast:
+        for layer in model.moe_layers():
+            layer.experts.forward = types.MethodType(_fused_swiglu_forward, layer.experts)
+    model = model.to(dev, torch.bfloat16)
+    active = model.num_parameters(active=True)
+
+    def loss_fn(ids, labels):
+        out = model(ids, return_aux=True)
+        logits = out.logits.float()
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        return ce + out.aux_loss
+
+    def checkpointing(on):
+        model.set_checkpointing("full" if on else "none")
+    return model, loss_fn, active, checkpointing
+
+
+def _fused_swiglu_forward(self, x_ND, counts_E):
+    """Experts.forward on fused w13 with the one-pass SwiGLU kernel (dispatch_fast.swiglu)."""
+    h = self.grouped_mm(x_ND, self.w13, counts_E)
+    return self.grouped_mm(dfast.swiglu(h), self.w2, counts_E)
+
+
+# ------------------------------------------------------------------------------ measurement
+
+
+def batch(dev, b, s, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, SHAPE["vocab"], (b, s + 1), generator=g).to(dev)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def run_variant(name, built, args, dev):
+    model, loss_fn, active, checkpointing = built
+    checkpointing(args.ckpt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    data = [batch(dev, args.batch, args.seq, i) for i in range(4)]
+
+    def step(i):
+        ids, labels = data[i % len(data)]
+        loss = loss_fn(ids, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(args.steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        loss = step(i)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+        losses.append(float(loss))
+    med = statistics.median(times)
+    tokens = args.batch * args.seq
+    tps = tokens / med
+    fpt = flops_per_token(active, args.seq)
+    res = {"variant": name, "checkpointing": args.ckpt, "step_s": med, "step_s_min": min(times),
+           "step_s_max": max(times), "tokens_per_s": tps, "mfu": tps * fpt / H100_PEAK_BF16,
+           "achieved_tflops": tps * fpt / 1e12, "active_params": active,
+           "total_params": sum(p.numel() for p in model.parameters()), "flops_per_token": fpt,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "loss_first_last": [losses[0], losses[-1]], "host_issue_s": host_time(step, args.warmup)}
+    if args.profile and not args.ckpt:
+        path = args.out.replace(".json", f".{name}.prof.txt") if args.out else ""
+        res["profile"] = profile_phases(step, path)
+    return res
+
+
+def host_time(step, i0, n=3):
+    """Host seconds to issue one step when the GPU is idle at its start (launch-bound check)."""
+    out = []
+    for i in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(i0 + i)  # float(loss) is not read: no sync inside
+        out.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+PHASES = [  # (phase, substrings of kernel names), first match wins
+    ("dispatch (anymoe triton)", ("_gather_rows", "_gather_sum", "_combine_", "_swiglu_")),
+    ("expert grouped GEMMs", ("grouped", "Grouped")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "_efficient_attention")),
+    ("dense GEMMs", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "Kernel2")),
+    ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "_fused_adamw")),
+    ("sort / scan / index", ("sort", "Sort", "scan", "Scan", "index", "gather", "scatter", "topk", "TopK")),
+    ("softmax / norms / reductions", ("softmax", "reduce", "norm", "Norm", "cross_entropy", "nll")),
+    ("elementwise / copies", ("elementwise", "vectorized", "copy", "Memcpy", "Memset", "fill", "cat")),
+]
+
+
+def profile_phases(step, path):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(2):
+            step(i)
+        torch.cuda.synchronize()
+    buckets: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if not t or ev.key.startswith(("aten::", "autograd::", "anymoe::", "Optimizer")):
+            continue
+        kernels[ev.key] = kernels.get(ev.key, 0.0) + t
+        phase = next((p for p, keys in PHASES if any(k in ev.key for k in keys)), "other")
+        buckets[phase] = buckets.get(phase, 0.0) + t / 2e3  # ms per step
+    if path:
+        with open(path, "w") as fh:
+            for k, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:60]:
+                fh.write(f"{t / 2e3:9.3f} ms/step  {k[:160]}\n")
+    return dict(sorted(buckets.items(), key=lambda kv: -kv[1]))
+
+
+def environment():
+    import platform
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "device": torch.cuda.get_device_name(0),
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for mod in ("triton", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    return env
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variants", nargs="+", default=["hf", "anymoe", "anymoe_fast"])
+    ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    builders = {"hf": lambda: build_hf(dev), "anymoe": lambda: build_anymoe(dev, fast=False),
+                "anymoe_fast": lambda: build_anymoe(dev, fast=True)}
+    results = []
+    for name in args.variants:
+        built = builders[name]()
+        for ck in args.checkpointing:
+            args.ckpt = ck == "on"
+            try:
+                res = run_variant(name, built, args, dev)
+            except torch.OutOfMemoryError as exc:
+                res = {"variant": name, "checkpointing": args.ckpt, "error": f"out of memory: {exc}"[:300]}
+            results.append(res)
+            _print(res)
+            torch.cuda.empty_cache()
+        del built
+        gc.collect()
+        torch.cuda.empty_cache()
+    base = {r["checkpointing"]: r for r in results if r["variant"] == "hf" and "tokens_per_s" in r}
+    for r in results:
+        b = base.get(r["checkpointing"])
+        if b and "tokens_per_s" in r:
+            r["speedup_vs_hf"] = r["tokens_per_s"] / b["tokens_per_s"]
+    doc = {"bench": "train_throughput", "env": environment(), "shape": SHAPE, "batch": args.batch,
+           "seq": args.seq, "dtype": "bf16 params, fused AdamW", "aux_coef": AUX_COEF,
+           "peak_flops": H100_PEAK_BF16, "anchor_issue9": ANCHOR, "results": results}
+    print("\nvariant        ckpt   step s   tokens/s     MFU   peak GiB  vs hf")
+    for r in results:
+        if "tokens_per_s" in r:
+            sp = r.get("speedup_vs_hf", float("nan"))
+            print(f"{r['variant']:14s} {str(r['checkpointing']):5s} {r['step_s']:7.4f} "
+                  f"{r['tokens_per_s']:10.0f} {100 * r['mfu']:6.1f}% {r['peak_mem_gib']:8.1f}  {sp:.2f}x")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        print(f"wrote {args.out}")
+
+
+def _print(r):
+    if "error" in r:
+        print(f"[{r['variant']} ckpt={r['checkpointing']}] {r['error']}")
+    else:
+        print(f"[{r['variant']} ckpt={r['checkpointing']}] step {r['step_s'] * 1e3:.1f} ms, "
+              f"{r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, peak {r['peak_mem_gib']:.1f} GiB, "
+              f"host issue {r['host_issue_s'] * 1e3:.0f} ms, loss {r['loss_first_last']}")
+        if "profile" in r:
+            for k, v in r["profile"].items():
+                print(f"    {k:32s} {v:8.2f} ms/step")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
