@@ -1,0 +1,118 @@
+"""`anymoe train`: the command-line contract, the run directory, resume (bitwise on the CPU),
+and resuming a checkpoint written under a forced pow2 expert sizing under the default one."""
+
+import json
+
+import pytest
+import yaml
+
+from anymoe.cli import main
+from anymoe.trainers.metrics import read_metrics
+
+FAST = {
+    "name": "fast",
+    "model": {"preset": "tiny", "vocab_size": 259, "d_model": 32, "max_seq_len": 32,
+              "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 48,
+                      "balance": {"aux_loss": 0.01, "z_loss": 0.001}}},
+    "data": {"format": "text", "path": "shipped:tiny_corpus.txt", "seq_len": 32, "eval_split": 0.02},
+    "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+    "train": {"steps": 8, "micro_batch": 2, "global_batch": 4, "precision": "fp32"},
+    "logging": {"progress": False, "plots": False, "tensorboard": False},
+    "checkpoint": {"every": 4, "keep_last": 3},
+    "eval": {"every": 0, "batches": 1},
+}
+
+
+def write_cfg(tmp_path, **sections):
+    data = json.loads(json.dumps(FAST))
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_run_dir_contract(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, logging={"plots": True, "tensorboard": True})
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--steps", "6", "--seed", "7",
+                 "--set", "optim.lr=2e-3"]) == 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 6 and resolved["train"]["seed"] == 7
+    assert resolved["optim"]["lr"] == 2e-3 and resolved["backend"] == "auto"
+    assert resolved["model"]["moe"]["num_experts"] == 4  # the preset expanded, overrides merged
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("step", "loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "aux/aux_loss", "aux/z_loss",
+                "layers", "mfu", "memory"):
+        assert key in rows[0], key
+    layer = rows[0]["layers"][0]
+    assert len(layer["share"]) == 4 and abs(sum(layer["share"]) - 1) < 1e-9
+    assert {"cv", "max_over_mean", "entropy", "dropped"} <= set(layer)
+    assert (run / "checkpoints" / "step_00000004" / "manifest.json").is_file()
+    assert (run / "checkpoints" / "step_00000006" / "manifest.json").is_file()
+    for png in ("loss.png", "lr.png", "expert_load.png"):
+        assert (run / png).stat().st_size > 1000
+    assert any((run / "tensorboard").iterdir())
+    info = json.loads((run / "run.json").read_text())
+    assert info["backend"] == "cpu" and info["steps"] == 6
+    assert "eval_loss" in read_metrics(run)[-1]
+    out = capsys.readouterr()
+    assert "done: 6 steps" in out.out
+    # A second start into the same directory without --resume refuses instead of overwriting.
+    assert main(["train", str(cfg), "--out", str(run)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_plot_command(tmp_path):
+    cfg = write_cfg(tmp_path, checkpoint={"every": 0})
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--steps", "3"]) == 0
+    assert not (run / "loss.png").exists()
+    assert main(["plot", str(run)]) == 0
+    assert (run / "loss.png").is_file() and (run / "expert_load.png").is_file()
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_resume_continues_bitwise(tmp_path):
+    cfg = write_cfg(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run)]) == 0
+    straight = losses(run)
+    # Stopped after step 8 with its last checkpoint at step 4: drop the newer checkpoint, resume.
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    assert main(["train", str(cfg), "--out", str(run), "--resume"]) == 0
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 9))  # steps 5-8 re-run, no duplicate lines
+    assert resumed == straight  # bitwise: exact float equality of every step
+
+
+def test_pow2_checkpoint_resumes_under_default_sizing(tmp_path):
+    # expert_hidden 48 is stored as 64 under pow2; checkpoints are canonical (48).
+    import shutil
+
+    import torch
+
+    cfg = write_cfg(tmp_path)
+    ref, mixed = tmp_path / "ref", tmp_path / "mixed"
+    assert main(["train", str(cfg), "--out", str(ref)]) == 0
+    assert main(["train", str(cfg), "--out", str(mixed), "--sizing", "pow2"]) == 0
+    ck = mixed / "checkpoints" / "step_00000004"
+    sd = torch.load(ck / "model.pt", weights_only=True)
+    w1 = next(v for k, v in sd.items() if k.endswith("experts.w1"))
+    assert w1.shape[-1] == 48
+    opt = torch.load(ck / "optim.pt", weights_only=True)
+    moments = next(v for k, v in opt["state"].items() if k.endswith("experts.w1"))
+    assert moments["exp_avg"].shape[-1] == 48
+    shutil.rmtree(mixed / "checkpoints" / "step_00000008")
+    assert main(["train", str(cfg), "--out", str(mixed), "--resume"]) == 0  # default (identity) sizing
+    a, b = losses(ref), losses(mixed)
+    assert sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
