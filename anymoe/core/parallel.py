@@ -267,6 +267,48 @@ def sync_gradients(model: nn.Module | Iterable[nn.Parameter], groups: ParallelGr
         _reduce_flat(experts, groups.edp, 1.0 / groups.world.size)
 
 
+def _expert_keys(model: nn.Module) -> dict[str, Any]:
+    """state-dict key -> Experts module, for every routed-expert weight (sharded over EP)."""
+    from anymoe.core.experts import Experts
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Experts):
+            for pname in ("w1", "w3", "w13", "w2"):
+                if hasattr(module, pname):
+                    out[f"{name}.{pname}" if name else pname] = module
+    return out
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """The model's state dict with every expert weight gathered over the EP group: the state
+    dict a single process holding all experts would have (canonical, so any EP size and any
+    backend can load it). Collective: every rank of the EP group calls it."""
+    state = model.state_dict()
+    if groups.ep.size == 1:
+        return state
+    from anymoe.core.collectives import all_gather
+
+    for key in _expert_keys(model):
+        state[key] = all_gather(state[key].contiguous(), groups.ep)
+    return state
+
+
+def local_state_dict(full: dict[str, torch.Tensor], model: nn.Module,
+                     groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """This rank's slice of a full (all-experts) state dict, ready for ``model.load_state_dict``."""
+    out = dict(full)
+    for key, module in _expert_keys(model).items():
+        if key in out:
+            lo = module.local_offset
+            if out[key].shape[0] != module.num_experts:
+                raise ValueError(f"{key}: the checkpoint has {out[key].shape[0]} experts, the model "
+                                 f"{module.num_experts}")
+            out[key] = out[key][lo:lo + module.num_local]
+    return out
+
+
 def attach_groups(model: nn.Module, groups: ParallelGroups) -> None:
     """Tell every MoE layer its groups: global-batch statistics over the world, EP-group loss
     over the EP group, aux-free loads over every replica of the router (the world)."""
@@ -277,4 +319,4 @@ def attach_groups(model: nn.Module, groups: ParallelGroups) -> None:
 
 
 __all__ = ["ParallelConfig", "ParallelGroups", "attach_groups", "build_parallel_groups", "expert_parameters",
-           "layout", "sync_gradients"]
+           "full_state_dict", "layout", "local_state_dict", "sync_gradients"]

@@ -10,7 +10,14 @@ from anymoe.core import collectives as C
 from anymoe.core.config import ConfigError, load_config
 from anymoe.core.experts import Experts
 from anymoe.core.launch import launch
-from anymoe.core.parallel import ParallelConfig, build_parallel_groups, layout, sync_gradients
+from anymoe.core.parallel import (
+    ParallelConfig,
+    build_parallel_groups,
+    full_state_dict,
+    layout,
+    local_state_dict,
+    sync_gradients,
+)
 
 
 def test_layout_worked_example() -> None:
@@ -87,6 +94,14 @@ def _groups_worker(rank: int, world: int) -> dict[str, object]:
         p.grad = torch.full_like(p, float(10 * i + rank + 1))
     sync_gradients(model, g)
     out["grads"] = {n: p.grad[(0,) * p.dim()].item() for n, p in model.named_parameters()}
+    # Full (all-experts) state dict from EP shards, and back.
+    torch.manual_seed(3)
+    model = _Tiny(8, hi - lo, lo)
+    out["full"] = full_state_dict(model, g)
+    fresh = _Tiny(8, hi - lo, lo)
+    fresh.load_state_dict(local_state_dict(out["full"], fresh, g))
+    out["roundtrip"] = all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
+                                                             model.state_dict().values()))
     return out
 
 
@@ -121,3 +136,11 @@ def test_groups_on_four_processes() -> None:
             else:
                 want_v = sum(10 * i + r + 1 for r in range(4)) / 4
             assert got == pytest.approx(want_v), (rank, name)
+    # Gathered expert weights equal those of one process holding all 8 experts.
+    torch.manual_seed(3)
+    single = _Tiny(8, 8, 0).state_dict()
+    for rank in range(4):
+        assert res[rank]["roundtrip"]
+        assert set(res[rank]["full"]) == set(single)
+        for key, value in single.items():
+            assert torch.equal(res[rank]["full"][key], value), (rank, key)
