@@ -174,7 +174,7 @@ def _key_field(cfg: DataConfig, key: str) -> str:
 
 
 def _lm_dataset(cfg: DataConfig, tok: Tokenizer, docs: list[str]) -> Sequence[Sample]:
-    ids = [tok.encode(d) for d in docs]
+    ids = tok.encode_batch(docs)
     if cfg.packing:
         return PackedLMDataset(token_stream(ids, tok.eos_id), cfg.seq_len)
     return DocumentLMDataset(ids, tok.eos_id, cfg.seq_len)

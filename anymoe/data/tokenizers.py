@@ -31,6 +31,7 @@ class Tokenizer(Protocol):
     @property
     def eos_id(self) -> int: ...
     def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str: ...
 
 
@@ -58,6 +59,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         names = {self.PAD: "<pad>", self.BOS: "<bos>", self.EOS: "<eos>"}
@@ -118,6 +122,12 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts at once (a fast tokenizer runs them in parallel in Rust)."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self._tok(list(texts), add_special_tokens=False)["input_ids"]]
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)

@@ -17,6 +17,7 @@ def test_byte_round_trip(text):
     assert all(0 <= i < 256 for i in ids)
     assert tok.decode(ids) == text
     assert ids == list(text.encode("utf-8"))  # the plain reference: ids are the UTF-8 bytes
+    assert tok.encode_batch([text, text[::-1]]) == [ids, tok.encode(text[::-1])]
 
 
 def test_byte_specials():
@@ -69,6 +70,7 @@ def test_hf_tokenizer_from_a_locally_built_dir(hf_dir):
     assert len(ids) < len(text.encode())  # merges were learned
     assert tok.vocab_size >= max(ids) + 1 and tok.vocab_size == len(tok._tok)
     assert tok.decode([*ids, tok.eos_id], skip_special=True) == text
+    assert tok.encode_batch([text, "12+34=46.", ""]) == [ids, tok.encode("12+34=46."), []]
 
 
 def test_hf_tokenizer_drives_a_dataset(hf_dir, tmp_path):
