@@ -89,36 +89,57 @@ def world_group() -> Group:
 # ---------------------------------------------------------------------------------------------
 
 
+def _staged(x: Tensor, group: Group) -> Tensor:
+    """``x`` on a device the group's library can use (a CPU statistic on an accelerator-only
+    group goes to the current accelerator); ``x`` itself when it already can."""
+    types = getattr(group.pg, "_device_types", None)
+    if not types or any(t.type == x.device.type for t in types):
+        return x
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and accel.is_available():
+        return x.to(torch.device(types[0].type, accel.current_device_index()))
+    return x.to(torch.device(types[0].type))
+
+
 class CollectiveOps:
-    """The equal-size / in-place primitives every op below is built from."""
+    """The equal-size / in-place primitives every op below is built from.
+
+    Tensors on a device the group's library cannot use (e.g. a CPU counter on an
+    accelerator-only group) are staged through the library's device and come back.
+    """
 
     def all_reduce_(self, x: Tensor, group: Group, op: ReduceOpName) -> Tensor:
-        dist.all_reduce(x, op=getattr(dist.ReduceOp, _TORCH_OPS[op]), group=group.pg)
+        buf = _staged(x, group)
+        dist.all_reduce(buf, op=getattr(dist.ReduceOp, _TORCH_OPS[op]), group=group.pg)
         if op == "avg":
-            x.div_(group.size)
-        return x
+            buf.div_(group.size)
+        return x if buf is x else x.copy_(buf)
 
     def all_gather_equal(self, x: Tensor, group: Group) -> Tensor:
         """[n, ...] on every rank -> [size * n, ...], rank order."""
-        out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
-        _all_gather_flat(out, x.contiguous(), group=group.pg)
-        return out
+        buf = _staged(x.contiguous(), group)
+        out = buf.new_empty((group.size * x.shape[0], *x.shape[1:]))
+        _all_gather_flat(out, buf, group=group.pg)
+        return out.to(x.device)
 
     def reduce_scatter_equal(self, x: Tensor, group: Group) -> Tensor:
         """[size * n, ...] on every rank -> [n, ...]: the sum over ranks of this rank's slice."""
-        out = x.new_empty((x.shape[0] // group.size, *x.shape[1:]))
-        _reduce_scatter_flat(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group.pg)
-        return out
+        buf = _staged(x.contiguous(), group)
+        out = buf.new_empty((x.shape[0] // group.size, *x.shape[1:]))
+        _reduce_scatter_flat(out, buf, op=dist.ReduceOp.SUM, group=group.pg)
+        return out.to(x.device)
 
     def all_to_all_single(self, x: Tensor, group: Group, output_splits: list[int],
                           input_splits: list[int]) -> Tensor:
-        out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group.pg)
-        return out
+        buf = _staged(x.contiguous(), group)
+        out = buf.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, buf, output_splits, input_splits, group=group.pg)
+        return out.to(x.device)
 
     def broadcast_(self, x: Tensor, group: Group, src: int) -> Tensor:
-        dist.broadcast(x, src=group.ranks[src], group=group.pg)
-        return x
+        buf = _staged(x, group)
+        dist.broadcast(buf, src=group.ranks[src], group=group.pg)
+        return x if buf is x else x.copy_(buf)
 
     def barrier(self, group: Group) -> None:
         dist.barrier(group=group.pg)

@@ -192,3 +192,17 @@ def _hanging_worker(rank: int, world: int) -> None:
     import time
 
     time.sleep(60)
+
+
+def test_tensors_are_staged_onto_a_device_the_group_supports() -> None:
+    """A CPU statistic reduced over an accelerator-only group travels through that device."""
+    from types import SimpleNamespace
+
+    from anymoe.core.collectives import _staged
+
+    x = torch.ones(3)
+    cpu_ok = SimpleNamespace(pg=SimpleNamespace(_device_types=[torch.device("meta"), torch.device("cpu")]))
+    assert _staged(x, cpu_ok) is x
+    meta_only = SimpleNamespace(pg=SimpleNamespace(_device_types=[torch.device("meta")]))
+    assert _staged(x, meta_only).device.type == "meta"
+    assert _staged(x, SimpleNamespace(pg=object())) is x  # a library that does not say: as is
