@@ -137,8 +137,14 @@ def test_noisy_topk_matches_loop_with_same_noise():
     clean = x @ router.weight.t()
     logits = clean + noise * torch.nn.functional.softplus(x @ router.noise_weight.t())
     _compare(router, x, out, logits=logits)
-    g = torch.autograd.grad(out.weights_TK.sum(), router.noise_weight)[0]
-    assert g.abs().sum() > 0  # the noise scale is learned
+    leaves = (x, router.weight, router.noise_weight)
+    gw = torch.randn(10, K, dtype=torch.float64)
+    got = torch.autograd.grad((out.weights_TK * gw).sum(), leaves)
+    ref_w = torch.stack([ref_token(router, x[t], logits[t])[1] for t in range(10)])
+    want = torch.autograd.grad((ref_w * gw).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    assert got[2].abs().sum() > 0  # the noise scale is learned
     router.eval()
     torch.testing.assert_close(router(x).logits_TE, clean)
 
