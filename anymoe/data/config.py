@@ -111,9 +111,12 @@ class DataConfig:
         if self.format == "sft" and self.prompt_split == "keys" and self.input_key == self.output_key:
             raise ConfigError("output_key", f"prompt and response need different fields; both are "
                                             f"{self.input_key!r}")
-        if self.format in ("text", "synthetic") and self.prompt_split != "keys":
+        if self.format in ("text", "jsonl", "synthetic") and self.prompt_split != "keys":
             raise ConfigError("prompt_split", f"format {self.format!r} has no prompts; remove prompt_split "
                                               "or use format: sft")
+        if self.format == "preference" and self.prompt_split != "keys":
+            raise ConfigError("prompt_split", "preference pairs are read from input_key / chosen_key / "
+                                              "rejected_key; set prompt_split: keys")
         self._validate_tokenizer()
 
     def _validate_tokenizer(self) -> None:

@@ -59,6 +59,7 @@ def test_synthetic_needs_no_file():
     ({"tokenizer": "{emptytok}"}, "data.tokenizer", "holds no tokenizer files"),
     ({"prompt_split": ""}, "data.prompt_split", "separator"),
     ({"prompt_split": "\nA:"}, "data.prompt_split", "has no prompts"),
+    ({"format": "preference", "path": "{sft}", "prompt_split": "="}, "data.prompt_split", "keys"),
     ({"format": "sft", "path": "{sft}", "output_key": "prompt"}, "data.output_key", "different fields"),
     ({"format": "sft", "path": "{sft}", "input_key": ""}, "data.input_key", "cannot be empty"),
     ({"seed": -1}, "data.seed", ">= 0"),
