@@ -168,6 +168,19 @@ def hf_config_json(arch: HFArchitecture, cfg: ModelConfig, dtype: torch.dtype) -
     return data
 
 
+def save_pretrained(model: Any, cfg: ModelConfig | None, path: str | Path, **kwargs: Any) -> Path:
+    """Write ``model`` as a Hugging Face directory (``anymoe.models.save_pretrained(..., format="hf")``).
+
+    Kept for callers that pass the config beside the model; ``cfg`` must be the model's own.
+    """
+    from anymoe.models.io import save_pretrained as save
+
+    inner = getattr(model, "module", model)
+    if cfg is not None and cfg != inner.cfg:
+        raise ValueError("cfg differs from the model's own config; pass the model's cfg (or None)")
+    return save(inner, path, format="hf", **kwargs)
+
+
 __all__ = [
     "ARCHITECTURES",
     "CheckpointMismatch",
@@ -177,6 +190,7 @@ __all__ = [
     "is_hf_dir",
     "read_hf",
     "read_safetensors",
+    "save_pretrained",
     "to_anymoe_state",
     "to_hf_state",
 ]
