@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from anymoe.core.config import ConfigError
 from anymoe.data.sampler import ShardedSampler, epoch_order
@@ -82,3 +84,20 @@ def test_bad_batch_and_group():
     assert info.value.field == "data.path"
     with pytest.raises(ValueError):
         ShardedSampler(10, 4, 2, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), per_rank=st.integers(1, 5), dp=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 2**31), steps=st.integers(1, 12), data=st.data())
+def test_property_shards_and_resume(n, per_rank, dp, seed, steps, data):
+    gb = per_rank * dp
+    ref = reference_stream(n, seed, steps, gb)
+    stop = data.draw(st.integers(0, steps))
+    ranks = [ShardedSampler(n, gb, r, dp, seed=seed) for r in range(dp)]
+    for k in range(stop):
+        assert sum((s.next_indices() for s in ranks), []) == ref[k]
+    state = ranks[0].state_dict()
+    resumed = ShardedSampler(n, gb, 0, 1, seed=seed)
+    resumed.load_state_dict(state)
+    for k in range(stop, steps):
+        assert resumed.next_indices() == ref[k]
