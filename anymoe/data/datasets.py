@@ -105,8 +105,10 @@ def sft_example(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: 
 def pack_samples(samples: Sequence[Sample], seq_len: int) -> list[Sample]:
     """Greedy first-fit in order: whole samples concatenated while they fit in seq_len.
 
-    Labels keep each sample's mask; the last label of a sample predicts the next sample's
-    first token only through the eos it already ends with (never across: its label is eos).
+    Labels keep each sample's mask. No label crosses a boundary: a sample's last label is its
+    own eos, and the next sample's first position predicts that sample's second token. A
+    sample longer than seq_len cannot occur (sft_example truncates); one that does not fit in
+    the current row starts the next row.
     """
     out: list[Sample] = []
     ids: list[int] = []
