@@ -92,7 +92,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = param(0, ge=0, doc="evaluate every N steps (0: only at the end)")
-    batches: int = param(4, ge=1, doc="micro-batches of held-out data per evaluation")
+    batches: int = param(4, ge=1, doc="global batches of held-out data per evaluation")
     at_end: bool = param(True, doc="evaluate when the run ends")
 
 

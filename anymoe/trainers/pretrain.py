@@ -66,11 +66,15 @@ class TrainData:
                 for i in range(self.accum)]
 
     def eval_batches(self) -> list[tuple[Tensor, Tensor]]:
+        """``eval.batches`` global batches (the training global batch, so the rows evaluated do
+        not depend on the world size), this rank's share cut into micro-batches."""
         out = []
-        for batch in self.bundle.eval_batches(self.micro_batch * self.dp_size, self.dp_rank, self.dp_size):
-            if len(out) >= self.n_eval:
+        mb, global_batch = self.micro_batch, self.micro_batch * self.accum * self.dp_size
+        for n, batch in enumerate(self.bundle.eval_batches(global_batch, self.dp_rank, self.dp_size)):
+            if n >= self.n_eval:
                 break
-            out.append((batch["input_ids"], batch["labels"]))
+            ids, labels = batch["input_ids"], batch["labels"]
+            out += [(ids[i:i + mb], labels[i:i + mb]) for i in range(0, ids.shape[0], mb)]
         return out
 
     def state_dict(self) -> dict[str, Any]:
