@@ -337,3 +337,47 @@ def test_plugged_in_fast_dispatcher_matches_reference(capacity):
         torch.testing.assert_close(g[key], g_ref[key], rtol=1e-9, atol=1e-12, msg=key)
     if capacity:
         assert int(aux.dropped) > 0
+
+
+def _device_backends():
+    from anymoe.core.backend import probe_backends
+
+    marks = {"cuda": pytest.mark.gpu, "npu": pytest.mark.npu}
+    out = []
+    for name, status in probe_backends().items():
+        if name not in marks:
+            continue
+        skip = [] if status.ok else [pytest.mark.skip(reason=f"backend {name!r} not usable: {status.reason}")]
+        out.append(pytest.param(name, marks=[marks[name], *skip], id=name))
+    return out
+
+
+@pytest.mark.parametrize("backend_name", _device_backends())
+@pytest.mark.parametrize("case", ["softmax_topk", "sigmoid_aux_free", "fused_pow2", "capacity"])
+def test_layer_on_device_matches_cpu_float64(backend_name, case):
+    """The layer on an accelerator (its grouped matmul and sizing policy) vs the CPU float64 layer."""
+    from anymoe.core.backend import create_backend
+
+    backend = create_backend(backend_name)
+    dev = backend.device(0)
+    kw = {"capacity_factor": 0.5} if case == "capacity" else CASES[case]
+    cfg = make_cfg(num_experts=8, expert_hidden=24, shared_experts=1, **kw)
+    torch.manual_seed(11)
+    ref = MoELayer(cfg, 32, sizing=POW2).double()
+    torch.manual_seed(11)
+    layer = MoELayer(cfg, 32, grouped_mm=backend.grouped_mm, sizing=backend.sizing_policy()).to(dev)
+    x = torch.randn(4, 16, 32, dtype=torch.float64)
+    g = torch.randn(4, 16, 32, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_()
+    y_ref, aux_ref = ref(x_ref)
+    (y_ref * g).sum().backward()
+    x_dev = x.float().to(dev).requires_grad_()
+    y, aux = layer(x_dev, replay_ids=aux_ref.expert_ids.to(dev))  # same choice despite fp32 ties
+    (y * g.float().to(dev)).sum().backward()
+    torch.testing.assert_close(y.double().cpu(), y_ref.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_dev.grad.double().cpu(), x_ref.grad, rtol=1e-4, atol=1e-5)
+    ref_sd, dev_sd = dict(ref.named_parameters()), dict(layer.named_parameters())
+    for name in ("router.weight", "experts.w2"):
+        P = min(ref_sd[name].shape[1], dev_sd[name].shape[1])
+        torch.testing.assert_close(dev_sd[name].grad[:, :P].double().cpu(), ref_sd[name].grad[:, :P],
+                                   rtol=1e-4, atol=1e-5, msg=name)
