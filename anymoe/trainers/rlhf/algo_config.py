@@ -103,8 +103,13 @@ class AlgoSection:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm("exact_answer", 1.0)])
-    reward_model: str = param("", doc="checkpoint of a trained reward model (PPO/GRPO); empty: use `rewards`")
-    reference: str = param("", doc="checkpoint of the reference/initial policy; empty: the model as built")
+    reward_model: str = param("", doc="run dir or checkpoint of a trained reward model (PPO/GRPO); "
+                                      "empty: the `rewards` callables")
+    init_from: str = param("", doc="run dir or checkpoint of the initial policy (e.g. an SFT run); empty: "
+                                   "fresh weights from train.seed. The reference is a frozen copy of it")
+    warm_start_steps: int = param(0, ge=0, doc="PPO/GRPO: format-only SFT steps before RL (warmstart.py)")
+    warm_start_lr: float = param(3e-3, gt=0, doc="learning rate of the warm start")
+    eval_prompts: int = param(64, ge=0, doc="PPO/GRPO: held-out prompts scored greedily at each evaluation")
 
 
 __all__ = ["AlgoSection", "CriticConfig", "DPOConfig", "MoERLConfig", "PolicyConfig", "RMConfig",

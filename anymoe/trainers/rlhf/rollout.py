@@ -66,9 +66,8 @@ class Rollout:
     device: torch.device = torch.device("cpu")
 
     def encode_prompt(self, text: str) -> list[int]:
-        """bos + the prompt's tokens (the datasets' convention: encode() adds no special tokens)."""
-        bos = getattr(self.tokenizer, "bos_id", None)
-        return ([bos] if bos is not None else []) + self.tokenizer.encode(text)
+        """The prompt's tokens, no special tokens (the SFT datasets' convention, so an SFT model fits)."""
+        return self.tokenizer.encode(text)
 
     # ---- 1. generate ----
     def generate(self, prompt_BP: Tensor):
@@ -89,7 +88,7 @@ class Rollout:
 
     # ---- 2. score ----
     def score(self, prompts: Sequence[str], seq_BL: Tensor, prompt_len: int, mask_BR: Tensor,
-              rows: Sequence[Mapping[str, Any]]) -> tuple[Tensor, dict[str, Tensor], list[str]]:
+              rows: Rows) -> tuple[Tensor, dict[str, Tensor], list[str]]:
         texts = []
         for b in range(seq_BL.shape[0]):
             ids = seq_BL[b, prompt_len:][mask_BR[b].bool()].tolist()
@@ -169,8 +168,23 @@ class Rollout:
         exp.advantages_BR, exp.returns_BR = get_advantage(pol.advantage, "rlhf.policy.advantage")(inp)
 
     # ---- all phases ----
-    def make_experience(self, rows: Sequence[Mapping[str, Any]], prompts: Sequence[str]
-                        ) -> tuple[list[Experience], RolloutStats]:
+    def record(self, prompt_BP: Tensor, gen: Any, prompts: Sequence[str], rows: Rows
+               ) -> tuple[Experience, RolloutStats]:
+        """Phases 2-4 for one generated batch (prompts of one length, groups contiguous)."""
+        P = prompt_BP.shape[1]
+        seq = torch.cat([prompt_BP, gen.tokens_BR], 1)
+        mask = self.response_mask(gen.tokens_BR)
+        scores, parts, texts = self.score(prompts, seq, P, mask, rows)
+        zeros = torch.zeros_like(mask)
+        exp = Experience(seq, P, mask, rollout_logp_BR=gen.logp_BR.float() * mask, old_logp_BR=zeros,
+                         scores_B=scores.to(self.device), token_rewards_BR=zeros, advantages_BR=zeros,
+                         returns_BR=zeros, routing_NTK=gen.routing_NTK, texts=texts,
+                         reward_parts={k: v.to(self.device) for k, v in parts.items()})
+        stats = self.evaluate(exp, self.cfg.policy.micro_batch)
+        self.advantages(exp)
+        return exp.check(), stats
+
+    def make_experience(self, rows: Rows, prompts: Sequence[str]) -> tuple[list[Experience], RolloutStats]:
         """One record per prompt length; each prompt sampled ``samples_per_prompt`` times."""
         G = self.cfg.rollout.samples_per_prompt
         buckets: dict[int, list[int]] = {}
@@ -178,22 +192,13 @@ class Rollout:
         for i, ids in enumerate(encoded):
             buckets.setdefault(len(ids), []).append(i)
         records, all_stats = [], []
-        for P, idx in sorted(buckets.items()):
+        for _P, idx in sorted(buckets.items()):
             order = [i for i in idx for _ in range(G)]  # the G samples of a prompt sit together
             prompt_BP = torch.tensor([encoded[i] for i in order], dtype=torch.long, device=self.device)
             gen = self.generate(prompt_BP)
-            seq = torch.cat([prompt_BP, gen.tokens_BR], 1)
-            mask = self.response_mask(gen.tokens_BR)
-            scores, parts, texts = self.score([prompts[i] for i in order], seq, P, mask,
-                                              [rows[i] for i in order])
-            zeros = torch.zeros_like(mask)
-            exp = Experience(seq, P, mask, rollout_logp_BR=gen.logp_BR.float() * mask, old_logp_BR=zeros,
-                             scores_B=scores.to(self.device), token_rewards_BR=zeros, advantages_BR=zeros,
-                             returns_BR=zeros, routing_NTK=gen.routing_NTK, texts=texts,
-                             reward_parts={k: v.to(self.device) for k, v in parts.items()})
-            all_stats.append((exp.batch_size, self.evaluate(exp, self.cfg.policy.micro_batch)))
-            self.advantages(exp)
-            records.append(exp.check())
+            exp, stats = self.record(prompt_BP, gen, [prompts[i] for i in order], [rows[i] for i in order])
+            records.append(exp)
+            all_stats.append((exp.batch_size, stats))
         return records, _merge_stats(all_stats)
 
 

@@ -32,7 +32,7 @@ def format_pairs(rows: Sequence[Mapping[str, Any]], prompt_key: str, answer_key:
 
 
 def sft_steps(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], steps: int, *,
-              batch: int = 32, lr: float = 3e-3, seed: int = 0, bos: bool = True) -> list[float]:
+              batch: int = 32, lr: float = 3e-3, seed: int = 0) -> list[float]:
     """Cross-entropy on the response tokens (answer + end token) of right-padded pairs; returns losses."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -43,7 +43,7 @@ def sft_steps(model: nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]]
         chunk = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
         seqs, targets = [], []
         for prompt, answer in chunk:
-            p = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(prompt)
+            p = tokenizer.encode(prompt)
             r = tokenizer.encode(answer) + [tokenizer.eos_id]
             seqs.append(p + r)
             targets.append([-100] * (len(p) - 1) + r)
