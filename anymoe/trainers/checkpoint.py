@@ -112,6 +112,18 @@ def probe_writable(directory: Path, need_bytes: int = 0) -> None:
             pass
 
 
+def _fault_pause(step: int) -> None:
+    """Fault injection for the reliability tests: ANYMOE_FAULT_PAUSE_IN_CHECKPOINT="STEP:SECONDS"
+    announces itself on stderr and sleeps after checkpoint STEP's data files are written and
+    before its manifest and rename, so a test can SIGKILL the process mid-write."""
+    spec = os.environ.get("ANYMOE_FAULT_PAUSE_IN_CHECKPOINT")
+    if spec and int(spec.split(":")[0]) == step:
+        import time
+
+        print(f"checkpoint-write-paused step={step}", file=sys.stderr, flush=True)
+        time.sleep(float(spec.split(":")[1]))
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -155,6 +167,7 @@ class CheckpointManager:
         except OSError as err:
             raise CheckpointError(f"writing checkpoint {final} failed ({err.strerror}); the previous "
                                   "checkpoint is intact; free disk space and resume with --resume") from None
+        _fault_pause(step)
         self.barrier()
         if self.rank == 0:
             entries = {}

@@ -23,7 +23,9 @@ the CPU as long as the subclass's train_step is deterministic given that state.
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -96,6 +98,17 @@ def set_rng_state(state: dict[str, Any], device_type: str = "cpu") -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "device" in state and device_type != "cpu":
         torch.get_device_module(device_type).set_rng_state_all(state["device"])
+
+
+def _fault_kill(step: int, dist: DistEnv) -> None:
+    """Fault injection for the reliability tests: ANYMOE_FAULT_KILL="RANK:STEP" makes that rank
+    SIGKILL itself after STEP on the first attempt (not after an elastic restart)."""
+    spec = os.environ.get("ANYMOE_FAULT_KILL")
+    if not spec or dist.restart_count > 0:
+        return
+    rank, at = (int(x) for x in spec.split(":"))
+    if rank == dist.rank and step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Trainer(ABC):
@@ -284,6 +297,7 @@ class Trainer(ABC):
                     self.progress.update(self.step, **{k: row[k] for k in ("loss", "lr", "tokens_per_s")
                                                        if isinstance(row.get(k), (int, float))})
                 self._fire("after_step", row)
+                _fault_kill(self.step, self.dist)
                 if self.loop.checkpoint_every and self.step % self.loop.checkpoint_every == 0:
                     self.save()
             if self.loop.eval_at_end and not (self.loop.eval_every and self.step % self.loop.eval_every == 0):
