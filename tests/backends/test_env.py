@@ -38,3 +38,17 @@ def test_check_unusable_or_unknown_backend_exits_1(name, capsys):
     assert err.count("\n") == 0 and err.startswith("anymoe: ")
     if name == "tpu":
         assert "valid backends: auto, cpu, cuda, npu" in err
+
+
+def test_backend_option_for_other_commands():
+    import argparse
+
+    from anymoe.backends.env import add_backend_option, backend_from_args
+
+    parser = argparse.ArgumentParser()
+    add_backend_option(parser)
+    assert backend_from_args(parser.parse_args(["--backend", "cpu"])).name == "cpu"
+    assert backend_from_args(parser.parse_args([]), configured="cpu").name == "cpu"
+    with pytest.raises(SystemExit) as err:
+        backend_from_args(parser.parse_args(["--backend", "nope"]))
+    assert str(err.value).startswith("anymoe: unknown backend 'nope'")
