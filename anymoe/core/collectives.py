@@ -136,6 +136,14 @@ class CollectiveOps:
         dist.all_to_all_single(out, buf, output_splits, input_splits, group=group.pg)
         return out.to(x.device)
 
+    def all_to_all_single_async(self, x: Tensor, group: Group, output_splits: list[int],
+                                input_splits: list[int]) -> tuple[Tensor, Callable[[], Any]]:
+        """Start the all-to-all; returns (the output buffer being filled, a wait function)."""
+        buf = _staged(x.contiguous(), group)
+        out = buf.new_empty((sum(output_splits), *x.shape[1:]))
+        work = dist.all_to_all_single(out, buf, output_splits, input_splits, group=group.pg, async_op=True)
+        return out, work.wait
+
     def broadcast_(self, x: Tensor, group: Group, src: int) -> Tensor:
         buf = _staged(x, group)
         dist.broadcast(buf, src=group.ranks[src], group=group.pg)
@@ -352,6 +360,67 @@ def all_to_all(x: Tensor, group: Group, output_splits: Sequence[int] | None = No
     return _AllToAll.apply(x, group, list(output_splits), list(input_splits))
 
 
+class _AllToAllStart(torch.autograd.Function):
+    """Launch the all-to-all; the returned buffer fills in the background until the wait."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group, output_splits: list[int], input_splits: list[int],
+                pending: PendingAllToAll) -> Tensor:
+        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
+        out, pending.wait_fn = _ops(group).all_to_all_single_async(x, group, output_splits, input_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g = _ops(ctx.group).all_to_all_single(grad.contiguous(), ctx.group, ctx.input_splits,
+                                              ctx.output_splits)
+        return g, None, None, None, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buf: Tensor, pending: PendingAllToAll, device: torch.device) -> Tensor:
+        pending.wait_fn()
+        ctx.buf_device = buf.device
+        return buf.view_as(buf) if buf.device == device else buf.to(device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.to(ctx.buf_device), None, None
+
+
+class PendingAllToAll:
+    """An all-to-all in flight: do other work, then ``wait()`` for the (differentiable) result."""
+
+    def __init__(self) -> None:
+        self.wait_fn: Callable[[], None] | None = None
+        self._buf: Tensor | None = None
+        self._device: torch.device | None = None
+        self._done: Tensor | None = None
+
+    def wait(self) -> Tensor:
+        if self._done is None:
+            self._done = _AllToAllWait.apply(self._buf, self, self._device)
+        return self._done
+
+
+def all_to_all_start(x: Tensor, group: Group, output_splits: Sequence[int],
+                     input_splits: Sequence[int]) -> PendingAllToAll:
+    """``all_to_all`` that returns at once; compute something else, then call ``.wait()``.
+
+    Same semantics and gradient as ``all_to_all`` (the backward itself is synchronous); the
+    overlap is real where the library runs collectives beside compute (an accelerator's
+    communication stream, gloo's threads).
+    """
+    pending = PendingAllToAll()
+    if group.size == 1:
+        pending._done = x
+        return pending
+    pending._device = x.device
+    pending._buf = _AllToAllStart.apply(x, group, list(output_splits), list(input_splits), pending)
+    return pending
+
+
 def exchange_splits(input_splits_P: Tensor, group: Group) -> Tensor:
     """Given how many rows this rank sends to each rank, how many it receives from each."""
     if group.size == 1:
@@ -373,7 +442,7 @@ def barrier(group: Group) -> None:
 
 
 __all__ = [
-    "CollectiveOps", "Group", "all_gather", "all_gather_list", "all_reduce", "all_reduce_", "all_to_all",
-    "barrier", "broadcast", "exchange_splits", "gather_sizes", "reduce_scatter", "register_collective_ops",
-    "single_group", "world_group",
+    "CollectiveOps", "Group", "PendingAllToAll", "all_gather", "all_gather_list", "all_reduce", "all_reduce_",
+    "all_to_all", "all_to_all_start", "barrier", "broadcast", "exchange_splits", "gather_sizes",
+    "reduce_scatter", "register_collective_ops", "single_group", "world_group",
 ]

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -59,6 +59,8 @@ from anymoe.core.collectives import Group
 from anymoe.core.dispatch import LocalDispatcher, TokenDispatcher, sort_by_expert
 from anymoe.core.dispatch_fast import combine as fast_combine
 from anymoe.core.dispatch_fast import dispatch_ops_for
+
+SideOut = TypeVar("SideOut")
 
 # ---------------------------------------------------------------------------------------------
 # Row movement without atomics: a gather and its adjoint, a gather-sum over a padded index.
@@ -234,6 +236,19 @@ class AllToAllDispatcher(_ShardedExperts):
             y = hop_back(y, h)
         return y
 
+    def combine_overlapped(self, y_ND: Tensor, meta: EPMeta, side: Callable[[], SideOut]
+                           ) -> tuple[Tensor, SideOut]:
+        """``combine``, with ``side()`` (e.g. the shared experts) computed while the first
+        return all-to-all is in flight. Same results and gradients as combine, then side."""
+        y = local_combine(y_ND, meta.local)
+        first, *rest = reversed(meta.hops)
+        pending = C.all_to_all_start(y, first.group, first.send_splits, first.recv_splits)
+        side_out = side()
+        y = _ReduceRows.apply(pending.wait(), first.src_row_S, first.pos_RP)
+        for h in rest:
+            y = hop_back(y, h)
+        return y, side_out
+
 
 class HierarchicalDispatcher(AllToAllDispatcher):
     """Across nodes once per destination node (``inter``), then inside the node (``intra``)."""
@@ -283,6 +298,16 @@ class AllGatherDispatcher(_ShardedExperts):
     def combine(self, y_ND: Tensor, meta: GatherMeta) -> Tensor:
         y_AD = local_combine(y_ND, meta.local)
         return C.reduce_scatter(y_AD, self.ep, sizes=meta.sizes)
+
+
+def combine_with(dispatcher: TokenDispatcher, y_ND: Tensor, meta: Any, side: Callable[[], SideOut]
+                 ) -> tuple[Tensor, SideOut]:
+    """Combine and run ``side()``, overlapping the two where the dispatcher can (all-to-all
+    kinds: side runs while the return all-to-all is in flight); otherwise one after the other."""
+    overlapped = getattr(dispatcher, "combine_overlapped", None)
+    if overlapped is not None:
+        return overlapped(y_ND, meta, side)
+    return dispatcher.combine(y_ND, meta), side()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +366,6 @@ def build_dispatcher(moe_cfg: Any, groups: Any, name: str | None = None) -> Toke
 
 __all__ = [
     "DISPATCHERS", "AllGatherDispatcher", "AllToAllDispatcher", "EPMeta", "HierarchicalDispatcher", "HopMeta",
-    "build_dispatcher", "hop", "hop_back", "local_combine", "local_permute", "register_dispatcher",
-    "resolve_dispatcher",
+    "build_dispatcher", "combine_with", "hop", "hop_back", "local_combine", "local_permute",
+    "register_dispatcher", "resolve_dispatcher",
 ]

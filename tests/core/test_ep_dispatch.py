@@ -20,6 +20,7 @@ from anymoe.core.ep_dispatch import (
     AllGatherDispatcher,
     AllToAllDispatcher,
     HierarchicalDispatcher,
+    combine_with,
     local_combine,
     local_permute,
     resolve_dispatcher,
@@ -81,9 +82,28 @@ def _dispatch_worker(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]
         from anymoe.core.collectives import all_reduce_
         all_reduce_(W_grad, groups.edp)
         out[f"{kind}/{ep}/{node}"] = {"y": y.detach(), "x": x.grad, "w": w.grad, "W": W_grad,
-                                      "lo": torch.tensor(lo), "hi": torch.tensor(hi)}
+                                      "lo": torch.tensor(lo), "hi": torch.tensor(hi),
+                                      "overlap_diff": _overlap_diff(disp, inp, W.detach())}
     assert world_group().size == world
     return out
+
+
+def _overlap_diff(disp, inp, W) -> torch.Tensor:
+    """combine_with(side) vs combine then side: max difference of outputs and gradients."""
+    side_w = torch.randn(D, F, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    results = []
+    for overlapped in (False, True):
+        x = inp["x"].clone().requires_grad_()
+        w = inp["w"].clone().requires_grad_()
+        x_ND, counts_E, meta = disp.dispatch(x, inp["ids"], w)
+        y_ND = _experts(x_ND, counts_E, W)
+        if overlapped:
+            y, side = combine_with(disp, y_ND, meta, lambda x=x: x @ side_w)
+        else:
+            y, side = disp.combine(y_ND, meta), x @ side_w
+        ((y + side) * inp["g"]).sum().backward()
+        results.append(torch.cat([y.detach().flatten(), x.grad.flatten(), w.grad.flatten()]))
+    return (results[0] - results[1]).abs().max()
 
 
 def _reference(world: int) -> list[dict[str, torch.Tensor]]:
@@ -122,6 +142,7 @@ def test_dispatchers_match_loop_reference(world: int) -> None:
                                            msg=f"rank {rank} {case} {key}")
             torch.testing.assert_close(got["W"], ref[rank]["W"][lo:hi], rtol=1e-12, atol=1e-12,
                                        msg=f"rank {rank} {case} W")
+            assert got["overlap_diff"] == 0, f"rank {rank} {case}: overlapped combine differs"
 
 
 def test_local_permute_worked_example() -> None:
