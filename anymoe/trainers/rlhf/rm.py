@@ -69,6 +69,7 @@ class RMTrainer(RLHFTrainer):
             part = {k: v[i * mb:(i + 1) * mb] for k, v in batch.items() if isinstance(v, Tensor)}
             rc, rr, out = self.scores(part)
             loss = bradley_terry_loss(rc, rr) + out.aux_loss
+            rc, rr = rc.detach(), rr.detach()
             (loss / self.accum).backward()
             total += loss.item() / self.accum
             correct += int((rc > rr).sum())
