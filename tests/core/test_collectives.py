@@ -63,6 +63,14 @@ def _collectives_worker(rank: int, world: int) -> dict[str, object]:
     wa = torch.arange(ya.numel(), dtype=torch.float64).view_as(ya) * 0.1 + rank
     (ya * wa).sum().backward()
     out["a2a"], out["a2a_grad"] = ya.detach(), xa.grad
+    # The same exchange started asynchronously, waited for after other work.
+    xa = inp["xa2a"].clone().requires_grad_()
+    pending = C.all_to_all_start(xa * 1.0, group, recv.tolist(), inp["send"].tolist())
+    _ = torch.randn(64, 64) @ torch.randn(64, 64)  # work while the exchange is in flight
+    ya = pending.wait()
+    assert pending.wait() is ya
+    (ya * wa).sum().backward()
+    out["a2a_async"], out["a2a_async_grad"] = ya.detach(), xa.grad
 
     xg = inp["xu"].clone().requires_grad_()
     (C.all_gather(xg, group, sizes=sizes) * inp["w_ag"]).sum().backward()
@@ -114,6 +122,7 @@ def _reference(world: int) -> list[dict[str, object]]:
             "recv": torch.tensor([inps[r]["send"][j].item() for r in range(world)]),
             "a2a": torch.cat([chunks[r][j] for r in range(world)]),
             "a2a_grad": xa[j].grad, "ag_grad": xg[j].grad, "rs_grad": xr[j].grad,
+            "a2a_async": torch.cat([chunks[r][j] for r in range(world)]), "a2a_async_grad": xa[j].grad,
             "ar_grad": w_ar_sum,
         }
     return ref
