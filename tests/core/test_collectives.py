@@ -175,6 +175,7 @@ def test_world_of_one_is_identity_without_init() -> None:
     assert torch.equal(C.broadcast(x, group), x)
     assert torch.equal(C.exchange_splits(torch.tensor([4]), group), torch.tensor([4]))
     assert C.gather_sizes(7, group) == [7]
+    assert C.all_to_all_start(x, group, [4], [4]).wait() is x
     y = C.all_to_all(x, group, [4], [4])
     (y * 2).sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
