@@ -243,9 +243,9 @@ class CheckpointManager:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
-# ---- optimizer state in the canonical (unpadded, name-keyed) layout ----
+# ---- optimizer state in the canonical (unpadded, all-experts, name-keyed) layout ----
 def _expert_owner(model, name: str):
-    """(Experts module, attribute) when ``name`` is a stored-padded expert weight, else None."""
+    """(Experts module, attribute) when ``name`` is a routed-expert weight, else None."""
     from anymoe.core.experts import Experts
 
     path, _, attr = name.rpartition(".")
@@ -253,14 +253,14 @@ def _expert_owner(model, name: str):
         module = model.get_submodule(path)
     except AttributeError:
         return None
-    if isinstance(module, Experts) and module.padded_hidden != module.hidden:
-        return module, attr
-    return None
+    return (module, attr) if isinstance(module, Experts) else None
 
 
 def _unpad(module, attr: str, t: torch.Tensor) -> torch.Tensor:
     """The inverse of ``Experts.to_stored`` for any tensor shaped like the stored weight."""
     Fh, P = module.hidden, module.padded_hidden
+    if P == Fh:
+        return t
     if attr == "w13":
         return torch.cat([t[..., :Fh], t[..., P:P + Fh]], dim=-1).contiguous()
     if attr == "w2":
@@ -268,22 +268,32 @@ def _unpad(module, attr: str, t: torch.Tensor) -> torch.Tensor:
     return t[..., :Fh].contiguous()
 
 
-def canonical_optim_state(model, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Optimizer state keyed by parameter name, expert moments unpadded.
+def canonical_optim_state(model, optimizer: torch.optim.Optimizer, ep_group=None) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, expert moments unpadded and gathered over EP.
 
     torch keys optimizer state by parameter position and stores moments in the parameter's
-    (here: padded) shape; keyed by name and unpadded it loads under any sizing policy.
+    (padded, EP-local) shape; keyed by name, unpadded and holding every expert, it loads under
+    any sizing policy and any EP size. Collective over ``ep_group`` when it has > 1 rank.
     """
+    from anymoe.core.collectives import all_gather
+
     names = {id(p): n for n, p in model.named_parameters()}
     sd = optimizer.state_dict()
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
+    gather = ep_group is not None and ep_group.size > 1
     state: dict[str, Any] = {}
-    for idx, p_state in sd["state"].items():
-        p = ordered[idx]
+    for idx in sorted(sd["state"]):  # the same order on every rank: the gathers pair up
+        p_state, p = sd["state"][idx], ordered[idx]
         name = names[id(p)]
         owner = _expert_owner(model, name)
-        state[name] = {k: (_unpad(*owner, v) if owner and torch.is_tensor(v) and v.shape == p.shape else v)
-                       for k, v in p_state.items()}
+        out = {}
+        for k, v in p_state.items():
+            if owner and torch.is_tensor(v) and v.shape == p.shape:
+                v = _unpad(*owner, v)
+                if gather:
+                    v = all_gather(v.contiguous(), ep_group)
+            out[k] = v
+        state[name] = out
     groups = []
     for g in sd["param_groups"]:
         groups.append({**{k: v for k, v in g.items() if k != "params"},
@@ -291,8 +301,18 @@ def canonical_optim_state(model, optimizer: torch.optim.Optimizer) -> dict[str, 
     return {"format": "anymoe-canonical-1", "state": state, "param_groups": groups}
 
 
+def _to_local(owner, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A canonical (all experts, unpadded) moment -> this rank's stored layout."""
+    module, attr = owner
+    if v.shape[0] == module.num_experts and module.num_local != module.num_experts:
+        v = v[module.local_offset:module.local_offset + module.num_local]
+    if v.shape != p.shape:
+        v = module.to_stored(attr, v)
+    return v
+
+
 def load_canonical_optim_state(model, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """The inverse of canonical_optim_state, padding expert moments to this run's layout."""
+    """The inverse of canonical_optim_state: this rank's experts, padded to this run's layout."""
     if saved.get("format") != "anymoe-canonical-1":
         raise CheckpointError("the optimizer file is not in anymoe's canonical format; it was not written "
                               "by `anymoe train`")
@@ -309,8 +329,7 @@ def load_canonical_optim_state(model, optimizer: torch.optim.Optimizer, saved: d
         p = params[name]
         owner = _expert_owner(model, name)
         state[index[id(p)]] = {
-            k: (owner[0].to_stored(owner[1], v) if owner and torch.is_tensor(v) and v.dim() == p.dim()
-                and v.shape != p.shape else v)
+            k: (_to_local(owner, v, p) if owner and torch.is_tensor(v) and v.dim() == p.dim() else v)
             for k, v in p_state.items()}
     groups = []
     for g, live in zip(saved["param_groups"], optimizer.param_groups):

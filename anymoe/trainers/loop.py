@@ -206,7 +206,14 @@ class Trainer(ABC):
 
     def restore(self, path: Path, restore_data: bool = True) -> None:
         self.load_checkpoint(path, restore_data=restore_data)
-        state = self.ckpt.load(path, self._rank_file())
+        own = path / self._rank_file()
+        if not own.is_file() and (path / "rank00000.pt").is_file():
+            # Written by a smaller world: the data position is global (any rank's copy serves);
+            # this rank's RNG streams (dropout) start from rank 0's.
+            self.message(f"{path.name} has no state for rank {self.dist.rank} (written by a smaller world); "
+                         "using rank 0's data position and RNG state")
+            own = path / "rank00000.pt"
+        state = self.ckpt.load(path, own.name)
         set_rng_state(state["rng"], self.device_type)
         self.step = int(state["step"])
         self.rollbacks = int(state["rollbacks"]) if restore_data else self.rollbacks

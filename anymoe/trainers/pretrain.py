@@ -314,27 +314,31 @@ class PretrainTrainer(Trainer):
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     # ------------------------------------------------------------------ checkpoints
-    def _writes_model(self) -> bool:
-        """Rank 0 of each data-parallel replica group writes the weights it holds."""
-        return self.dp_rank == 0
-
-    def _model_file(self) -> str:
-        ep = self.groups.ep if self.groups is not None else None
-        return "model.pt" if ep is None or ep.size == 1 else f"model_ep{ep.rank:03d}.pt"
-
-    def _optim_file(self) -> str:
-        return self._model_file().replace("model", "optim")
-
     def checkpoint_files(self) -> dict[str, Any]:
-        if not self._writes_model():
+        """One canonical model and optimizer file (all experts, unpadded), written by rank 0.
+
+        Under EP the expert shards are gathered first (collective over the EP group), so the
+        checkpoint resumes under any EP size, world size, backend and sizing policy."""
+        ep = self.groups.ep if self.groups is not None else None
+        if ep is not None and ep.size > 1:
+            from anymoe.core.parallel import full_state_dict
+
+            model_state = full_state_dict(self.model, self.groups)
+        else:
+            model_state = self.model.state_dict()
+        optim_state = canonical_optim_state(self.model, self.optimizer, ep)
+        if not self.dist.is_main:
             return {}
-        return {self._model_file(): self.model.state_dict(),
-                self._optim_file(): canonical_optim_state(self.model, self.optimizer)}
+        return {"model.pt": model_state, "optim.pt": optim_state}
 
     def load_checkpoint(self, path: Path, restore_data: bool = True) -> None:
-        state = self.ckpt.load(path, self._model_file())
+        state = self.ckpt.load(path, "model.pt")
+        if self.groups is not None and self.groups.ep.size > 1:
+            from anymoe.core.parallel import local_state_dict
+
+            state = local_state_dict(state, self.model, self.groups)
         self.model.load_state_dict(state)
-        load_canonical_optim_state(self.model, self.optimizer, self.ckpt.load(path, self._optim_file()))
+        load_canonical_optim_state(self.model, self.optimizer, self.ckpt.load(path, "optim.pt"))
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"config": to_dict(self.cfg), "ep": self.groups.ep.size if self.groups is not None else 1}

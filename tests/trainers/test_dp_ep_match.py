@@ -3,6 +3,7 @@ loss curve for the same global batch (fp32, <= 1e-5 relative): issue 6."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ CFG = {
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
     "train": {"steps": 4, "micro_batch": 2, "global_batch": 8, "precision": "fp32"},
     "logging": {"progress": False, "plots": False, "tensorboard": False},
-    "checkpoint": {"every": 0},
+    "checkpoint": {"every": 2},
     "eval": {"batches": 1},
 }
 
@@ -57,3 +58,9 @@ def test_dp2_and_dp_x_ep_match_single_process(tmp_path):
         assert end["eval_loss"] == pytest.approx(single_end["eval_loss"], rel=1e-5)
     meta = json.loads((tmp_path / "ep2" / "run.json").read_text())
     assert meta["world_size"] == 2 and meta["ep"] == 2
+
+    # The EP=2 checkpoint is canonical (all experts in one file): a single process resumes it.
+    shutil.rmtree(tmp_path / "ep2" / "checkpoints" / "step_00000004")
+    resumed, _ = train(tmp_path, "ep2", "--resume")
+    for step, row in single.items():
+        assert resumed[step]["loss"] == pytest.approx(row["loss"], rel=1e-5), step
