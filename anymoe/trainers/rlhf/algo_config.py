@@ -26,7 +26,7 @@ class RolloutConfig:
     prompts_per_step: int = param(16, ge=1, doc="prompts sampled per RL step")
     samples_per_prompt: int = param(4, ge=1, doc="responses per prompt (the GRPO/RLOO group size)")
     max_new_tokens: int = param(8, ge=1, doc="response length limit")
-    temperature: float = param(1.0, gt=0, doc="sampling temperature")
+    temperature: float = param(1.0, gt=0, doc="sampling temperature (log-probs stay those of the model)")
     top_k: int = param(0, ge=0, doc="sample among the top-k tokens (0: all)")
 
 

@@ -7,10 +7,10 @@ Every role (actor, critic, reference, reward model) goes through ``forward_rl``;
 goes through ``generate_rl``. Both return plain records, so the RL code never depends on
 the model's own output types.
 
-``generate_rl`` decodes with the model's KV cache and records, for routing replay (R3),
-the experts every layer chose for every position: the prompt's from the prefill, each
-sampled token's from the decode step that feeds it. The last sampled token is fed once
-more than plain sampling would need, so the record covers all L positions.
+``generate_rl`` decodes with the models' KV-cache generator (anymoe.models.generate) and
+records, for routing replay (R3), the experts every layer chose for every position: the
+prompt's from the prefill, each sampled token's from the decode step that feeds it (the
+generator feeds the last token once more so the record covers all L positions).
 """
 
 from __future__ import annotations
@@ -50,46 +50,25 @@ def hidden_size(model: nn.Module) -> int:
     return int(model.cfg.d_model)
 
 
-def sample_next(logits_BV: Tensor, temperature: float, top_k: int,
-                generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Sample one token per row; returns (token [B], its log-prob under the sampling distribution [B])."""
-    logits = logits_BV.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    logp_BV = torch.log_softmax(logits, -1)
-    # Sample on the host generator (seeded, device-independent), then move back.
-    nxt = torch.multinomial(logp_BV.exp().cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
-    return nxt, logp_BV.gather(-1, nxt[:, None]).squeeze(-1)
-
-
 @torch.no_grad()
 def generate_rl(model: nn.Module, prompt_BP: Tensor, max_new_tokens: int, *, eos_id: int, pad_id: int,
                 temperature: float = 1.0, top_k: int = 0,
                 generator: torch.Generator | None = None) -> Generated:
-    """Sample up to ``max_new_tokens`` per prompt with the KV cache, recording logp and routing."""
-    B, P = prompt_BP.shape
-    cache = model.new_cache()
-    out = model(prompt_BP, kv_cache=cache, return_aux=True)
-    routing = [[a.expert_ids.reshape(B, P, -1)] for a in out.moe_aux]
-    logits = out.logits[:, -1]
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_BP.device)
-    toks, logps = [], []
-    for _ in range(max_new_tokens):
-        nxt, lp = sample_next(logits, temperature, top_k, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        toks.append(nxt)
-        logps.append(torch.where(done, torch.zeros_like(lp), lp))
-        done = done | (nxt == eos_id)
-        out = model(nxt[:, None], kv_cache=cache, return_aux=True)
-        for n, a in enumerate(out.moe_aux):
-            routing[n].append(a.expert_ids.reshape(B, 1, -1))
-        logits = out.logits[:, -1]
-        if bool(done.all()):
-            break
-    L = P + len(toks)
-    routing_NTK = [torch.cat(chunks, 1).reshape(B * L, -1) for chunks in routing]
-    return Generated(torch.stack(toks, 1), torch.stack(logps, 1), routing_NTK)
+    """Sample up to ``max_new_tokens`` per prompt with the models' KV-cache generator.
+
+    ``temperature=0`` is greedy. The log-probs are those of the model's own distribution (raw
+    logits, what the training forward computes), whatever temperature/top-k sampled the token.
+    """
+    from anymoe.models.generate import generate
+
+    out = generate(model, prompt_BP, max_new_tokens, temperature=temperature, top_k=top_k,
+                   stop_tokens=(eos_id,), pad_id=pad_id, use_cache=True, return_routing=True,
+                   generator=generator)
+    B = prompt_BP.shape[0]
+    routing_NTK = [r.reshape(-1, r.shape[-1]) for r in out.routing]
+    L = prompt_BP.shape[1] + out.tokens.shape[1]
+    assert all(r.shape[0] == B * L for r in routing_NTK), "the generator recorded too few positions"
+    return Generated(out.tokens, out.logprobs, routing_NTK)
 
 
-__all__ = ["ForwardOut", "Generated", "forward_rl", "generate_rl", "hidden_size", "sample_next"]
+__all__ = ["ForwardOut", "Generated", "forward_rl", "generate_rl", "hidden_size"]

@@ -45,8 +45,8 @@ class PPOTrainer(RLHFTrainer):
         self.load_policy_weights(policy)
         if r.warm_start_steps:
             self.warm_start(policy)
-        self.actor = Actor(policy, temperature=r.rollout.temperature)
-        self.reference = Reference(policy, temperature=r.rollout.temperature)
+        self.actor = Actor(policy)
+        self.reference = Reference(policy)
         self.critic = None
         if r.policy.advantage in NEEDS_CRITIC:
             head = ScalarHeadModel(self.new_model(seed_offset=1)).to(self.device)
@@ -109,7 +109,7 @@ class PPOTrainer(RLHFTrainer):
         for group in by_len.values():
             prompt = torch.tensor([list(it.prompt_ids) for it in group], device=self.device)
             gen = generate_rl(self.actor.module, prompt, self.cfg.rlhf.rollout.max_new_tokens,
-                              eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, top_k=1)
+                              eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, temperature=0.0)
             seq = torch.cat([prompt, gen.tokens_BR], 1)
             mask = self.rollout.response_mask(gen.tokens_BR)
             s, _parts, texts = self.rollout.score([it.prompt for it in group], seq, prompt.shape[1], mask,

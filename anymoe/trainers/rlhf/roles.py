@@ -47,19 +47,17 @@ class Role:
 
 
 class Actor(Role):
-    """The policy. ``temperature`` matches the sampler, so train and rollout log-probs compare."""
+    """The policy. Log-probs are of the model's own distribution (raw logits), like the
+    generator's, so rollout and training log-probs compare whatever temperature sampled."""
 
-    def __init__(self, module: nn.Module, temperature: float = 1.0, trainable: bool = True) -> None:
+    def __init__(self, module: nn.Module, trainable: bool = True) -> None:
         super().__init__(module, trainable)
-        self.temperature = temperature
 
     def logprobs(self, seq_BL: Tensor, prompt_len: int, replay_NTK: list[Tensor] | None = None,
                  entropy: bool = False) -> tuple[Tensor, Tensor | None, ForwardOut]:
         """log pi(token) for every response token [B, R], its entropy [B, R] if asked, the forward."""
         out = self.forward(seq_BL, replay_NTK)
         logits_BRV = out.logits_BLV[:, prompt_len - 1:-1]
-        if self.temperature != 1.0:
-            logits_BRV = logits_BRV / self.temperature
         logp = token_logprobs(logits_BRV, seq_BL[:, prompt_len:])
         ent = entropy_from_logits(logits_BRV) if entropy else None
         return logp, ent, out
@@ -68,8 +66,8 @@ class Actor(Role):
 class Reference(Actor):
     """A frozen deep copy of the actor's module (taken before any update)."""
 
-    def __init__(self, actor_module: nn.Module, temperature: float = 1.0) -> None:
-        super().__init__(copy.deepcopy(actor_module), temperature, trainable=False)
+    def __init__(self, actor_module: nn.Module) -> None:
+        super().__init__(copy.deepcopy(actor_module), trainable=False)
 
     @torch.no_grad()
     def logprobs(self, seq_BL, prompt_len, replay_NTK=None, entropy=False):
