@@ -121,7 +121,7 @@ class CUDABackend(Backend):
 
     def grouped_mm(self, x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
         x_TD, w_EDF = match_operand_dtypes(x_TD, w_EDF)
-        if torch_grouped_mm_works(x_TD.device, x_TD.dtype):
+        if x_TD.shape[0] > 0 and torch_grouped_mm_works(x_TD.device, x_TD.dtype):
             return grouped_mm_torch(x_TD, w_EDF, counts_E)
         return grouped_mm_loop(x_TD, w_EDF, counts_E)
 
