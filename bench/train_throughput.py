@@ -270,12 +270,26 @@ def main(argv=None):
                 res = run_variant(name, built, args, dev)
             except torch.OutOfMemoryError as exc:
                 res = {"variant": name, "checkpointing": args.ckpt, "error": f"out of memory: {exc}"[:300]}
+            except Exception as exc:  # e.g. a torch.compile failure: record it, go on with the rest
+                res = {"variant": name, "checkpointing": args.ckpt, "error": repr(exc)[:600]}
             results.append(res)
             _print(res)
+            _write(args, results)  # after every variant: a run cut short keeps what it measured
             torch.cuda.empty_cache()
         del built
         gc.collect()
         torch.cuda.empty_cache()
+    results = _write(args, results)
+    print("\nvariant        ckpt   step s   tokens/s     MFU   peak GiB  vs hf")
+    for r in results:
+        if "tokens_per_s" in r:
+            sp = r.get("speedup_vs_hf", float("nan"))
+            print(f"{r['variant']:14s} {str(r['checkpointing']):5s} {r['step_s']:7.4f} "
+                  f"{r['tokens_per_s']:10.0f} {100 * r['mfu']:6.1f}% {r['peak_mem_gib']:8.1f}  {sp:.2f}x")
+    print(f"wrote {args.out}" if args.out else "")
+
+
+def _write(args, results):
     base = {r["checkpointing"]: r for r in results if r["variant"] == "hf" and "tokens_per_s" in r}
     for r in results:
         b = base.get(r["checkpointing"])
@@ -285,16 +299,10 @@ def main(argv=None):
            "seq": args.seq, "dtype": "bf16 params, fused AdamW", "aux_coef": AUX_COEF,
            "fp32_matmul_precision": args.fp32_matmul,
            "peak_flops": H100_PEAK_BF16, "anchor_issue9": ANCHOR, "results": results}
-    print("\nvariant        ckpt   step s   tokens/s     MFU   peak GiB  vs hf")
-    for r in results:
-        if "tokens_per_s" in r:
-            sp = r.get("speedup_vs_hf", float("nan"))
-            print(f"{r['variant']:14s} {str(r['checkpointing']):5s} {r['step_s']:7.4f} "
-                  f"{r['tokens_per_s']:10.0f} {100 * r['mfu']:6.1f}% {r['peak_mem_gib']:8.1f}  {sp:.2f}x")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(doc, fh, indent=1)
-        print(f"wrote {args.out}")
+    return results
 
 
 def _print(r):
