@@ -30,6 +30,7 @@ from anymoe.models.cache import KVCache
 from anymoe.models.config import ModelConfig
 from anymoe.models.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding, build_attention_mask, init_std
 from anymoe.models.mla import MLAttention
+from anymoe.models.moe_dense import dense_moe_forward
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Block(nn.Module):
             self.post_attn_norm = self.post_ffn_norm = None
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.checkpointing = cfg.checkpointing
+        self.every_expert = False  # MoETransformer.set_moe_impl("every_expert") for export
 
     def _attn(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
               cache: KVCache | None) -> Tensor:
@@ -82,8 +84,12 @@ class Block(nn.Module):
         y = self.ffn(self.ffn_norm(x))
         return y if self.post_ffn_norm is None else self.post_ffn_norm(y)
 
-    def _moe(self, x: Tensor, token_ids: Tensor | None, replay: Tensor | None) -> tuple[Tensor, MoEAux]:
-        y, aux = self.ffn(self.ffn_norm(x), token_ids=token_ids, replay_ids=replay)
+    def _moe(self, x: Tensor, token_ids: Tensor | None,
+             replay: Tensor | None) -> tuple[Tensor, MoEAux | None]:
+        if self.every_expert:  # export / inference formulation (moe_dense.py): no aux record
+            y, aux = dense_moe_forward(self.ffn, self.ffn_norm(x), token_ids), None
+        else:
+            y, aux = self.ffn(self.ffn_norm(x), token_ids=token_ids, replay_ids=replay)
         return (y if self.post_ffn_norm is None else self.post_ffn_norm(y)), aux
 
     def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
@@ -195,6 +201,13 @@ class MoETransformer(nn.Module):
         for b in self.blocks:
             b.checkpointing = mode
 
+    def set_moe_impl(self, impl: str) -> None:
+        """"dispatch" (training path, default) or "every_expert" (export-friendly, moe_dense.py)."""
+        if impl not in ("dispatch", "every_expert"):
+            raise ValueError(f"moe impl must be dispatch or every_expert; got {impl!r}")
+        for b in self.blocks:
+            b.every_expert = impl == "every_expert"
+
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers)
 
@@ -242,7 +255,9 @@ class MoETransformer(nn.Module):
                              f"got {len(replay_ids)}")
         x = self.embed(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        mask = build_attention_mask(attention_mask, S, L, x.device)
+        # No padding and no cache: SDPA's causal flag (mask None), with no shape test a tracer would freeze.
+        no_mask = attention_mask is None and kv_cache is None
+        mask = None if no_mask else build_attention_mask(attention_mask, S, L, x.device)
         auxes: list[MoEAux] = []
         hidden: list[Tensor] | None = [] if return_hidden else None
         for block in self.blocks:

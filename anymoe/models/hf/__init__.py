@@ -153,16 +153,21 @@ def to_hf_state(arch: HFArchitecture, cfg: ModelConfig, state: dict[str, Tensor]
 
 
 def hf_config_json(arch: HFArchitecture, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:  # the version only, without importing transformers (slow, and not needed to write files)
+        tf_version = version("transformers")
+    except PackageNotFoundError:
+        tf_version = "5.0.0"
     data = arch.to_hf_config(cfg)
+    name = str(dtype).replace("torch.", "")
     data.update(
         {
             "model_type": arch.model_type,
             "architectures": [arch.hf_class],
-            "torch_dtype": str(dtype).replace("torch.", ""),
-            "dtype": str(dtype).replace("torch.", ""),
-            "transformers_version": transformers.__version__,
+            "torch_dtype": name,
+            "dtype": name,
+            "transformers_version": tf_version,
         }
     )
     return data
