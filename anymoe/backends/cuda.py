@@ -111,8 +111,8 @@ class CUDABackend(Backend):
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would differ from CPU fp32
             torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels per run
         torch.backends.cudnn.deterministic = on
-        torch.backends.cudnn.benchmark = not on
         torch.use_deterministic_algorithms(on, warn_only=True)
 
     def autocast_dtype(self) -> torch.dtype | None:
