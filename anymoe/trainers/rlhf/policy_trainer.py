@@ -188,12 +188,9 @@ class PolicyTrainer:
         return layers
 
     def _num_experts(self) -> int:
-        """The model's expert count where a layer states it (0 if none does)."""
-        for m in self.actor.module.modules():
-            n = getattr(m, "num_experts", None)
-            if isinstance(n, int):
-                return n
-        return 0
+        """The model's expert count where its config states it (0 if it does not)."""
+        moe = getattr(getattr(self.actor.module, "cfg", None), "moe", None)
+        return int(getattr(moe, "num_experts", 0) or 0)
 
     # ---- the whole step ----
     def step(self, rows: Sequence[Mapping[str, Any]], prompts: Sequence[str]) -> dict[str, Any]:

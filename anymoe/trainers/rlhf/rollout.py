@@ -157,7 +157,7 @@ class Rollout:
         pol = self.cfg.policy
         token_rewards = torch.zeros_like(exp.mask_BR)
         last = exp.mask_BR.sum(1).long().clamp(min=1) - 1
-        token_rewards[torch.arange(exp.batch_size), last] = exp.scores_B.to(token_rewards)
+        token_rewards[torch.arange(exp.batch_size, device=last.device), last] = exp.scores_B.to(token_rewards)
         if pol.kl_in_reward and pol.kl_coef > 0 and exp.ref_logp_BR is not None:
             token_rewards = token_rewards - pol.kl_coef * kl_penalty(exp.old_logp_BR, exp.ref_logp_BR, "k1") \
                 * exp.mask_BR

@@ -113,3 +113,16 @@ def test_ipo_and_conservative_dpo_train(tmp_path, loss_type, smoothing):
                                         "rlhf.moe.router_kl_coef=0.1"])
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert "router_kl" in rows[-1]
+
+
+def test_ppo_with_a_trained_reward_model(tmp_path):
+    """rm -> ppo: the reward model's run directory drives the rollout scores."""
+    train = _write(tmp_path / "train.jsonl", corrupted_pairs(200, 0))
+    _fit("rm", tmp_path, [f"data.path={train}", "data.eval_split=0.0", "train.steps=3", "eval.every=0",
+                          "eval.at_end=false", "logging.plots=false", "checkpoint.at_end=true"])
+    trainer, _, rows = _fit("ppo", tmp_path, ["train.steps=2", "eval.every=0", "eval.at_end=false",
+                                              "logging.plots=false", f"rlhf.reward_model={tmp_path / 'rm'}",
+                                              "rlhf.rollout.prompts_per_step=8"])
+    assert trainer.rollout.reward_model is not None
+    assert "reward/reward_model" in rows[-1] and len(rows[-1]["layers"]) == 2
+    assert len(rows[-1]["layers"][0]["share"]) == 4  # per-layer expert load over the 4 experts
