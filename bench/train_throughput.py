@@ -14,6 +14,8 @@ Variants:
     anymoe        anymoe MoETransformer as built by default (LocalDispatcher, eager SwiGLU)
     anymoe_fast   the same model with FastLocalDispatcher (Triton permute/combine) and the
                   one-pass SwiGLU in the experts (fused w13)
+    anymoe_fast_compiled     + regional torch.compile of each block (grouped_mm_direct)
+    anymoe_fast_compiled_cg  + mode="reduce-overhead" (CUDA graphs: no launch gaps)
 
     PYTHONPATH=. python bench/train_throughput.py --out bench/results/train_throughput_h100.json
 """
@@ -80,6 +82,7 @@ def build_hf(dev):
 
 
 def build_anymoe(dev, fast, compiled=False):
+    """compiled: False, "default" (regional torch.compile) or "reduce-overhead" (+ CUDA graphs)."""
     from anymoe.core.backend import get_backend
     from anymoe.models.presets import preset
 
@@ -90,6 +93,11 @@ def build_anymoe(dev, fast, compiled=False):
 
     dispatcher = dfast.FastLocalDispatcher(cfg.moe.num_experts) if fast else None
     model = MoETransformer(cfg, backend=backend, dispatcher=dispatcher)
+    if compiled:
+        from anymoe.backends.cuda_kernels import grouped_mm_direct
+
+        for layer in model.moe_layers():  # no data-pointer probe: one graph per block
+            layer.experts.grouped_mm = grouped_mm_direct
     if fast:
         for layer in model.moe_layers():
             layer.experts.forward = types.MethodType(_fused_swiglu_forward, layer.experts)
@@ -100,7 +108,7 @@ def build_anymoe(dev, fast, compiled=False):
         # the 12 instances), fusing norms, RoPE, router math and residual adds.
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=None if compiled == "default" else compiled)
 
     def loss_fn(ids, labels):
         out = model(ids, return_aux=True)
@@ -258,7 +266,8 @@ def main(argv=None):
     torch.set_float32_matmul_precision(args.fp32_matmul)
     builders = {"hf": lambda: build_hf(dev), "anymoe": lambda: build_anymoe(dev, fast=False),
                 "anymoe_fast": lambda: build_anymoe(dev, fast=True),
-                "anymoe_fast_compiled": lambda: build_anymoe(dev, fast=True, compiled=True)}
+                "anymoe_fast_compiled": lambda: build_anymoe(dev, fast=True, compiled="default"),
+                "anymoe_fast_compiled_cg": lambda: build_anymoe(dev, fast=True, compiled="reduce-overhead")}
     results = []
     for name in args.variants:
         built = builders[name]()
