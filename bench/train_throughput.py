@@ -143,6 +143,7 @@ def run_variant(name, built, args, dev):
     data = [batch(dev, args.batch, args.seq, i) for i in range(4)]
 
     def step(i):
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph variants: a new step; else no-op
         ids, labels = data[i % len(data)]
         loss = loss_fn(ids, labels)
         loss.backward()
