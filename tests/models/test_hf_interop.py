@@ -268,3 +268,17 @@ def test_export_refuses_what_the_architecture_cannot_express(tmp_path):
         save_pretrained(
             MoETransformer(_anymoe_cfg("qwen2_moe")), tmp_path / "y", format="hf", hf_arch="mixtral"
         )
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_transformers5_fused_expert_layout_loads(kind, tmp_path):
+    hf = _hf_model(kind)
+    hf.save_pretrained(tmp_path / "fused", save_original_format=False)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fused" / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("experts.gate_up_proj") for k in f.keys())
+    ours = from_pretrained(tmp_path / "fused").eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert (ours(ids) - _hf_logits(hf, ids)).abs().max().item() <= TOL

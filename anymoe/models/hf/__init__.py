@@ -94,6 +94,7 @@ def to_anymoe_state(
     expected: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Apply the links; ``expected`` (name -> tensor of the right shape) checks every shape."""
+    tensors = arch.unfuse(tensors)
     used: set[str] = set()
     state: dict[str, Tensor] = {}
     for link in arch.links(cfg):

@@ -92,6 +92,36 @@ class HFArchitecture(ABC):
     def links(self, cfg: ModelConfig) -> list[Link]:
         """Every tensor of the model, anymoe name <-> Hugging Face names."""
 
+    # Per-expert names of the gate / up / down projections, and the module holding experts and router.
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    moe_module: str = "mlp"
+
+    def unfuse(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """transformers >= 5 in-memory layout -> the per-expert layout the links use.
+
+        ``{layer}.mlp.experts.gate_up_proj`` [E, 2F, D] (gate rows, then up rows) and
+        ``.down_proj`` [E, D, F] become ``{layer}.{moe_module}.experts.{e}.{gate|up|down}.weight``;
+        ``{layer}.mlp.gate.*`` moves under ``moe_module`` too (Mixtral's ``block_sparse_moe``).
+        """
+        fused = [k for k in tensors if k.endswith(".mlp.experts.gate_up_proj")]
+        if not fused:
+            return tensors
+        out = dict(tensors)
+        gate_n, up_n, down_n = self.expert_names
+        for key in fused:
+            layer = key[: -len(".mlp.experts.gate_up_proj")]
+            dst = f"{layer}.{self.moe_module}."
+            gate_up, down = out.pop(key), out.pop(f"{layer}.mlp.experts.down_proj")
+            half = gate_up.shape[1] // 2
+            for e in range(gate_up.shape[0]):
+                out[f"{dst}experts.{e}.{gate_n}.weight"] = gate_up[e, :half]
+                out[f"{dst}experts.{e}.{up_n}.weight"] = gate_up[e, half:]
+                out[f"{dst}experts.{e}.{down_n}.weight"] = down[e]
+            if self.moe_module != "mlp":
+                for name in [k for k in out if k.startswith(f"{layer}.mlp.gate.")]:
+                    out[dst + name[len(f"{layer}.mlp."):]] = out.pop(name)
+        return out
+
     def ignored(self, name: str, cfg: ModelConfig) -> bool:
         """Checkpoint tensors anymoe does not use (e.g. rotary caches); never silently dropped otherwise."""
         return name.endswith("rotary_emb.inv_freq")

@@ -28,6 +28,8 @@ from anymoe.models.hf.checks import check_exportable
 class Mixtral(HFArchitecture):
     model_type = "mixtral"
     hf_class = "MixtralForCausalLM"
+    expert_names = ("w1", "w3", "w2")
+    moe_module = "block_sparse_moe"
 
     def to_anymoe_config(self, hf: dict[str, Any]) -> ModelConfig:
         check_no_sliding_window(hf)
