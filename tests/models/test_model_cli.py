@@ -57,3 +57,21 @@ def test_generate_cli_greedy(tmp_path, capsys):
 
     want = generate(model, [list(b"hi")], 5, stop_tokens=[258], pad_id=256)
     assert rows[0]["tokens"] == want.tokens[0, : int(want.lengths[0])].tolist()
+
+
+def test_from_pretrained_reads_a_trainer_checkpoint(tmp_path):
+    import yaml
+
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny", n_layers=1)).eval()
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"preset": "tiny", "n_layers": 1}, "train": {"steps": 10}})
+    )
+    torch.save(model.state_dict(), step / "model.pt")
+    loaded = from_pretrained(step).eval()
+    ids = torch.randint(0, 256, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
