@@ -149,10 +149,11 @@ class MoETransformer(nn.Module):
         """Initialise the non-MoE weights from the global generator in a fixed order (see ``init_std``).
 
         Norm gains keep their constructed value (1, or 1/sqrt(L) for sandwich norms), biases 0.
-        Routed experts are re-drawn by ``Experts.reset_parameters`` (every expert in a fixed
-        order, so any EP size and sizing policy get the same canonical weights, pad zero);
-        shared experts like a dense MLP; the router keeps its own ``router.init_std`` draw except
-        under ``init: tiny``, where it is drawn at the TinyInit std too.
+        The MoE layers drew their own weights at construction (moe-core: every expert in a fixed
+        order, so any EP size and sizing policy get the same canonical weights, pad zero) from
+        N(0, moe.init_std); they are rescaled here to this model's stds rather than re-drawn
+        (no second draw of a billion expert weights; zero pads stay zero). The router keeps its
+        ``router.init_std`` draw except under ``init: tiny``, where it is rescaled too.
         """
         std_in, std_out = init_std(self.cfg)
         for name, p in self.named_parameters():
@@ -167,13 +168,16 @@ class MoETransformer(nn.Module):
             else:
                 p.normal_(0.0, std_in)
         for layer in self.moe_layers():
+            drawn = layer.cfg.init_std
+            for part in (layer.experts, layer.shared):
+                if part is None:
+                    continue
+                for pname in ("w1", "w3", "w13"):
+                    if hasattr(part, pname):
+                        getattr(part, pname).mul_(std_in / drawn)
+                part.w2.mul_(std_out / drawn)
             if self.cfg.init == "tiny" and getattr(layer.router, "learned", True):
-                layer.router.weight.normal_(0.0, std_in)
-            layer.experts.reset_parameters(std_in, std_out)
-            if layer.shared is not None:
-                layer.shared.w1.normal_(0.0, std_in)
-                layer.shared.w3.normal_(0.0, std_in)
-                layer.shared.w2.normal_(0.0, std_out)
+                layer.router.weight.mul_(std_in / layer.router.cfg.init_std)
 
     def _is_moe_param(self, name: str) -> bool:
         idx = int(name.split(".")[1])
