@@ -66,7 +66,7 @@ def test_reward_model_above_90_percent_on_held_out_synthetic_pairs(tmp_path):
 def test_reward_model_on_shipped_addition_preferences(tmp_path):
     """Right sum vs a plausible wrong sum needs arithmetic: report what 300 steps reach."""
     _, last, _ = _fit("rm", tmp_path, ["train.steps=300"])
-    assert last["eval_accuracy"] > 0.6, last
+    assert last["eval_accuracy"] > 0.55, last  # measured ~0.65; chance is 0.5
 
 
 def test_dpo_raises_the_chosen_minus_rejected_margin(tmp_path):
