@@ -116,3 +116,34 @@ def test_pow2_checkpoint_resumes_under_default_sizing(tmp_path):
     assert sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_nonfinite_steps_skipped_then_stop_with_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = write_cfg(tmp_path, checkpoint={"every": 0}, train={"max_bad_steps": 3})
+    monkeypatch.setenv("ANYMOE_FAULT_NAN_STEPS", "2")  # one bad step: skipped, counted, run goes on
+    run = tmp_path / "one"
+    assert main(["train", str(cfg), "--out", str(run), "--steps", "4"]) == 0
+    rows = {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    assert rows[3]["skipped"] and not rows[4]["skipped"] and rows[4]["bad_steps"] == 1
+    monkeypatch.setenv("ANYMOE_FAULT_NAN_STEPS", "2,3,4,5")  # 3 in a row: stop, exit 3
+    run = tmp_path / "stop"
+    assert main(["train", str(cfg), "--out", str(run), "--steps", "8"]) == 3
+    assert "3 consecutive steps had a non-finite loss" in capsys.readouterr().err
+    import torch
+
+    from anymoe.trainers.checkpoint import CheckpointManager
+
+    last = CheckpointManager(run / "checkpoints").latest_valid()
+    assert last.name == "step_00000005"  # steps 3-5 made no update: these are step 2's weights
+    assert all(torch.isfinite(v).all() for v in torch.load(last / "model.pt", weights_only=True).values())
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    cfg = write_cfg(tmp_path, checkpoint={"every": 0})
+    curves = {}
+    for mode in ("none", "full"):
+        run = tmp_path / mode
+        assert main(["train", str(cfg), "--out", str(run), "--steps", "3",
+                     "--set", f"model.checkpointing={mode}"]) == 0
+        curves[mode] = losses(run)
+    assert curves["full"] == pytest.approx(curves["none"], rel=1e-6)

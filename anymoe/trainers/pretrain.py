@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,9 @@ class PretrainTrainer(Trainer):
         self.backend = backend
         self.device_type = backend.device_type
         self.groups = groups
+        # Fault injection for the reliability tests: ANYMOE_FAULT_NAN_STEPS="3,4" (0-based steps).
+        spec = os.environ.get("ANYMOE_FAULT_NAN_STEPS", "")
+        self._poison_steps = {int(x) for x in spec.split(",") if x.strip()}
 
     # ------------------------------------------------------------------ build
     def build(self) -> None:
@@ -199,6 +203,8 @@ class PretrainTrainer(Trainer):
                 out = self.model(ids, return_aux=True)
             ce = nn.functional.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
                                              labels.view(-1), ignore_index=IGNORE, reduction="sum")
+            if step in self._poison_steps:  # fault injection (tests): a non-finite loss and gradient
+                ce = ce * float("nan")
             loss = ce * scale + out.aux_loss / self.accum
             loss.backward()
             ce_sum += ce.detach().double().cpu()
