@@ -58,6 +58,61 @@ def route(x, p, cfg: ModelConfig):
     return ids, w * r.scaling
 
 
+def _gqa_qkv(h, p, cfg, pos):
+    """Per token, per query head: roped query, roped key and value of its KV group (lists of lists)."""
+    S, H, G, Dh = h.shape[0], cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    q = h @ p["attn.q_proj.weight"].t()
+    k = h @ p["attn.k_proj.weight"].t()
+    v = h @ p["attn.v_proj.weight"].t()
+    if "attn.q_proj.bias" in p:
+        q, k, v = q + p["attn.q_proj.bias"], k + p["attn.k_proj.bias"], v + p["attn.v_proj.bias"]
+    qs, ks, vs = [], [], []
+    for s in range(S):
+        qh, kh, vh = [], [], []
+        for hh in range(H):
+            g = hh // (H // G)
+            qv, kv = q[s, hh * Dh:(hh + 1) * Dh], k[s, g * Dh:(g + 1) * Dh]
+            if cfg.qk_norm:
+                qv = rms(qv, p["attn.q_norm.weight"], cfg.norm_eps)
+                kv = rms(kv, p["attn.k_norm.weight"], cfg.norm_eps)
+            qh.append(rope_vec(qv, pos[s], cfg.rope_theta))
+            kh.append(rope_vec(kv, pos[s], cfg.rope_theta))
+            vh.append(v[s, g * Dh:(g + 1) * Dh])
+        qs.append(qh)
+        ks.append(kh)
+        vs.append(vh)
+    return qs, ks, vs, 1 / math.sqrt(Dh)
+
+
+def _mla_qkv(h, p, cfg, pos):
+    """MLA (DeepSeek-V2 eq. 9-19): queries, keys from the normalised latent, a shared RoPE key part."""
+    m, H = cfg.mla, cfg.n_heads
+    nope, rd, vd, eps = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, 1e-6
+    qs, ks, vs = [], [], []
+    for s in range(h.shape[0]):
+        x = h[s]
+        if m.q_lora_rank:
+            q_a = p["attn.q_a_proj.weight"] @ x + p.get("attn.q_a_proj.bias", 0.0)
+            q = p["attn.q_b_proj.weight"] @ rms(q_a, p["attn.q_a_layernorm.weight"], eps)
+        else:
+            q = p["attn.q_proj.weight"] @ x
+        c = p["attn.kv_a_proj_with_mqa.weight"] @ x + p.get("attn.kv_a_proj_with_mqa.bias", 0.0)
+        c_kv, k_pe = c[: m.kv_lora_rank], c[m.kv_lora_rank:]
+        kv = p["attn.kv_b_proj.weight"] @ rms(c_kv, p["attn.kv_a_layernorm.weight"], eps)
+        k_rot = rope_vec(k_pe, pos[s], cfg.rope_theta, m.rope_interleave)
+        qh, kh, vh = [], [], []
+        for hh in range(H):
+            qv = q[hh * (nope + rd):(hh + 1) * (nope + rd)]
+            qh.append(torch.cat([qv[:nope], rope_vec(qv[nope:], pos[s], cfg.rope_theta, m.rope_interleave)]))
+            kvh = kv[hh * (nope + vd):(hh + 1) * (nope + vd)]
+            kh.append(torch.cat([kvh[:nope], k_rot]))
+            vh.append(kvh[nope:])
+        qs.append(qh)
+        ks.append(kh)
+        vs.append(vh)
+    return qs, ks, vs, 1 / math.sqrt(nope + rd)
+
+
 def reference_logits(model, input_ids, pad_mask=None, state=None):
     """Logits [B, S, V] in float64 from the model's parameters, one token at a time.
 
@@ -66,7 +121,7 @@ def reference_logits(model, input_ids, pad_mask=None, state=None):
     cfg: ModelConfig = model.cfg
     sd = state if state is not None else {k: v.detach().double() for k, v in model.state_dict().items()}
     B, S = input_ids.shape
-    H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+    H = cfg.n_heads
     out = []
     for b in range(B):
         valid = [True] * S if pad_mask is None else [bool(v) for v in pad_mask[b]]
@@ -75,29 +130,14 @@ def reference_logits(model, input_ids, pad_mask=None, state=None):
         for i in range(cfg.n_layers):
             p = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
             h = torch.stack([rms(x[s], p["attn_norm.weight"], cfg.norm_eps) for s in range(S)])
-            q = h @ p["attn.q_proj.weight"].t()
-            k = h @ p["attn.k_proj.weight"].t()
-            v = h @ p["attn.v_proj.weight"].t()
-            if "attn.q_proj.bias" in p:
-                q, k, v = q + p["attn.q_proj.bias"], k + p["attn.k_proj.bias"], v + p["attn.v_proj.bias"]
+            qs, ks, vs_, scale = (_mla_qkv if cfg.attention == "mla" else _gqa_qkv)(h, p, cfg, pos)
             heads = [[None] * H for _ in range(S)]
             for hh in range(H):
-                g = hh // (H // G)
                 for s in range(S):
-                    qv = q[s, hh * Dh:(hh + 1) * Dh]
-                    if cfg.qk_norm:
-                        qv = rms(qv, p["attn.q_norm.weight"], cfg.norm_eps)
-                    qv = rope_vec(qv, pos[s], cfg.rope_theta)
                     keys = [t for t in range(s + 1) if valid[t]] or list(range(s + 1))
-                    sc, vs = [], []
-                    for t in keys:
-                        kv = k[t, g * Dh:(g + 1) * Dh]
-                        if cfg.qk_norm:
-                            kv = rms(kv, p["attn.k_norm.weight"], cfg.norm_eps)
-                        sc.append(qv @ rope_vec(kv, pos[t], cfg.rope_theta) / math.sqrt(Dh))
-                        vs.append(v[t, g * Dh:(g + 1) * Dh])
-                    a = torch.softmax(torch.stack(sc), 0)
-                    heads[s][hh] = sum(a[j] * vs[j] for j in range(len(vs)))
+                    sc = torch.stack([qs[s][hh] @ ks[t][hh] * scale for t in keys])
+                    a = torch.softmax(sc, 0)
+                    heads[s][hh] = sum(a[j] * vs_[t][hh] for j, t in enumerate(keys))
             attn = torch.stack([torch.cat(heads[s]) for s in range(S)])
             o = attn @ p["attn.o_proj.weight"].t()
             if "attn.o_proj.bias" in p:

@@ -34,6 +34,12 @@ VARIANTS = {
                                                  "topk_groups": 2, "group_score": "top2_sum",
                                                  "normalize_topk": True, "scaling": 2.5},
                                       "balance": {"aux_free": True}}},
+    "mla_interleaved": {"attention": "mla", "n_kv_heads": None,
+                        "mla": {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                                "qk_rope_head_dim": 4, "v_head_dim": 12}},
+    "mla_plain_rope": {"attention": "mla", "n_kv_heads": None, "attention_bias": "all",
+                       "mla": {"q_lora_rank": 0, "kv_lora_rank": 12, "qk_nope_head_dim": 6,
+                               "qk_rope_head_dim": 6, "v_head_dim": 8, "rope_interleave": False}},
 }
 
 
@@ -78,9 +84,14 @@ def test_left_padding_matches_unpadded():
     torch.testing.assert_close(b, ref, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["plain", "qk_norm_bias_sandwich"])
+MLA = {"attention": "mla", "n_kv_heads": None,
+       "mla": {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+               "v_head_dim": 12}}
+
+
+@pytest.mark.parametrize("name", ["plain", "qk_norm_bias_sandwich", "mla"])
 def test_kv_cache_incremental_equals_full(name):
-    cfg = tiny(**VARIANTS[name])
+    cfg = tiny(**(MLA if name == "mla" else VARIANTS[name]))
     model = MoETransformer(cfg).double().eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     full = model(ids)
