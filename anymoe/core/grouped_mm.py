@@ -92,6 +92,14 @@ def aligned_size(n: int, dtype: torch.dtype, align_bytes: int) -> int:
     return -(-n // per) * per
 
 
+def _aligned(t: Tensor, align_bytes: int) -> Tensor:
+    """Contiguous, starting on an aligned address (a fresh copy is; a rare offset view may not be)."""
+    if torch.compiler.is_compiling():  # fake tensors have no data pointer; graphs allocate fresh
+        return t.contiguous()
+    aligned = t.data_ptr() % align_bytes == 0
+    return t.contiguous() if aligned else t.clone(memory_format=torch.contiguous_format)
+
+
 def grouped_mm_torch(x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor, align_bytes: int = 16) -> Tensor:
     """``torch._grouped_mm`` with int32 offsets from a device-side cumsum: no host sync.
 
@@ -107,9 +115,7 @@ def grouped_mm_torch(x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor, align_bytes:
         x_TD = _pad_last(x_TD, Dp)
         w_EDF = torch.nn.functional.pad(w_EDF, (0, 0, 0, Dp - D))
     w_EDF = _pad_last(w_EDF, Fp)
-    # A fresh contiguous copy also puts the data pointer on an aligned address.
-    x_TD = x_TD.contiguous() if x_TD.data_ptr() % align_bytes == 0 else x_TD.clone()
-    w_EDF = w_EDF.contiguous() if w_EDF.data_ptr() % align_bytes == 0 else w_EDF.clone()
+    x_TD, w_EDF = _aligned(x_TD, align_bytes), _aligned(w_EDF, align_bytes)
     y_TF = torch._grouped_mm(x_TD, w_EDF, offs=offsets_from_counts(counts_E))
     y_TF = _ContiguousGrad.apply(y_TF)
     return y_TF if Fp == F else y_TF[:, :F]
@@ -126,6 +132,8 @@ def torch_grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     a tiny forward + backward with an empty group, compared with the loop. The answer is
     cached per (device, dtype); the probe reads one value back to the host, once.
     """
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False  # the op's fake-tensor rule accepts bf16 only (torch 2.13), eager may take more
     key = (str(device), dtype)
     if key not in _PROBED:
         _PROBED[key] = has_torch_grouped_mm() and _probe(device, dtype)

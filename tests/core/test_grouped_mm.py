@@ -87,3 +87,20 @@ def test_probe_answers_per_dtype_and_never_touches_the_global_generator():
     assert torch_grouped_mm_works(torch.device("cpu"), torch.float64) is False  # the op has no fp64
     torch_grouped_mm_works(torch.device("cpu"), torch.float32)
     assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.skipif(not has_torch_grouped_mm(), reason="this torch has no torch._grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backend_grouped_mm_under_torch_compile(dtype):
+    """Compiled models work: fp32 (refused by the op's fake-tensor rule) falls back to the loop."""
+    from anymoe.backends.cpu import CPUBackend
+
+    fn = torch.compile(CPUBackend().grouped_mm, backend="eager")
+    x, w, counts, g = _random_case(5, 3, 12, 16, 8)
+    xr, wr = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    y = fn(xr, wr, counts)
+    y.backward(g.to(dtype))
+    ref = grouped_mm_loop(x.to(dtype).double(), w.to(dtype).double(), counts)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.double(), ref, atol=tol, rtol=tol)
+    assert wr.grad is not None and xr.grad is not None
