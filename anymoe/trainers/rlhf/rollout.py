@@ -110,7 +110,8 @@ class Rollout:
         """Fill old/ref log-probs, reference router probs and values, chunk by chunk.
 
         old_logp is computed on the same consecutive micro-batches the first update epoch
-        uses, so with routing replay the first ratio is exactly 1, bit for bit.
+        uses, so with routing replay the first ratio is exactly 1, bit for bit. The critic
+        replays the rollout routing too (its value forward and its update see one expert path).
         """
         moe = self.cfg.moe
         replay = moe.routing_replay
@@ -128,7 +129,9 @@ class Rollout:
             if start == 0:
                 natural, rollout_ids = natural_ids, mb.routing_NTK
             if self.reference is not None:
-                rlogp, _, rout = self.reference.logprobs(mb.sequences_BL, P, replay_ids)
+                # The reference routes with its own router: the KL terms compare the policy with
+                # the reference model as it is, not with the reference forced onto the policy's experts.
+                rlogp, _, rout = self.reference.logprobs(mb.sequences_BL, P)
                 ref.append(rlogp)
                 if moe.router_kl_coef > 0:
                     ref_router.append(rout.router_probs_NTE)
