@@ -15,7 +15,7 @@ Grouped matmul through ``torch_npu.npu_grouped_matmul`` (torch_npu >= 2.1 signat
 of tensors, ``group_list`` as an int64 device tensor of cumulative row counts with
 ``group_list_type=0``, ``split_item=3`` = single x and single y tensor, ``group_type=0``
 = groups along the rows M; ``group_type=2`` groups along K, which is the weight gradient
-x^T dy). The op has no autograd formula in Python, so :class:`_NPUGroupedMM` supplies it.
+x^T dy). The op has no autograd formula in Python, so :class:`NPUGroupedMM` supplies it.
 The pure parts (group list, error classification, version check) are plain functions
 tested on the CPU.
 """
@@ -27,6 +27,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from functools import cache
 from types import ModuleType
 
@@ -124,19 +125,30 @@ def group_list_from_counts(counts_E: Tensor) -> Tensor:
     return torch.cumsum(counts_E, 0).to(torch.int64)
 
 
-def _gmm(a: Tensor, b: Tensor, group_list: Tensor, group_type: int) -> Tensor:
+Kernel = Callable[..., list[Tensor]]
+
+
+def _kernel() -> Kernel:
+    return load_torch_npu()[0].npu_grouped_matmul
+
+
+def _gmm(kernel: Kernel, a: Tensor, b: Tensor, group_list: Tensor, group_type: int) -> Tensor:
     """One ``npu_grouped_matmul`` call: single a, single b, single output (split_item=3)."""
-    gmm = load_torch_npu()[0].npu_grouped_matmul
-    return gmm([a], [b], group_list=group_list, split_item=3, group_type=group_type, group_list_type=0)[0]
+    return kernel([a], [b], group_list=group_list, split_item=3, group_type=group_type, group_list_type=0)[0]
 
 
-class _NPUGroupedMM(torch.autograd.Function):
-    """y = x_e @ w_e per row group; dx = dy_e @ w_e^T (rows grouped); dw_e = x_e^T @ dy_e (K grouped)."""
+class NPUGroupedMM(torch.autograd.Function):
+    """y = x_e @ w_e per row group; dx = dy_e @ w_e^T (rows grouped); dw_e = x_e^T @ dy_e (K grouped).
+
+    ``kernel`` is ``torch_npu.npu_grouped_matmul``; tests pass a CPU implementation of its
+    documented contract to check these gradient formulas where no NPU exists.
+    """
 
     @staticmethod
-    def forward(ctx, x_TD: Tensor, w_EDF: Tensor, group_list: Tensor) -> Tensor:
+    def forward(ctx, x_TD: Tensor, w_EDF: Tensor, group_list: Tensor, kernel: Kernel):
         ctx.save_for_backward(x_TD, w_EDF, group_list)
-        return _gmm(x_TD, w_EDF, group_list, group_type=0)
+        ctx.kernel = kernel
+        return _gmm(kernel, x_TD, w_EDF, group_list, group_type=0)
 
     @staticmethod
     def backward(ctx, dy_TF: Tensor):
@@ -145,11 +157,11 @@ class _NPUGroupedMM(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             w_EFD = w_EDF.transpose(1, 2).contiguous()
-            dx = _gmm(dy_TF, w_EFD, group_list, group_type=0)
+            dx = _gmm(ctx.kernel, dy_TF, w_EFD, group_list, group_type=0)
         if ctx.needs_input_grad[1]:
             x_DT = x_TD.t().contiguous()
-            dw = _gmm(x_DT, dy_TF, group_list, group_type=2)
-        return dx, dw, None
+            dw = _gmm(ctx.kernel, x_DT, dy_TF, group_list, group_type=2)  # [E, D, F]
+        return dx, dw, None, None
 
 
 @register_backend("npu", auto_priority=10)
@@ -205,7 +217,8 @@ class NPUBackend(Backend):
         x_TD, w_EDF = match_operand_dtypes(x_TD, w_EDF)
         if x_TD.shape[0] == 0 or w_EDF.shape[0] > MAX_GROUPS or x_TD.dtype == torch.float64:
             return grouped_mm_loop(x_TD, w_EDF, counts_E)  # shapes/dtypes the kernel does not take
-        return _NPUGroupedMM.apply(x_TD.contiguous(), w_EDF.contiguous(), group_list_from_counts(counts_E))
+        group_list = group_list_from_counts(counts_E)
+        return NPUGroupedMM.apply(x_TD.contiguous(), w_EDF.contiguous(), group_list, _kernel())
 
     def device_count(self) -> int:
         module, _ = load_torch_npu()

@@ -131,3 +131,40 @@ def test_real_wheel_breaks_plain_torch_import_without_anymoe():
         pytest.skip("CANN is present here; torch_npu loads")
     done = _run("import torch")
     assert done.returncode != 0 and "Failed to load the backend extension: torch_npu" in done.stderr
+
+
+def contract_grouped_matmul(x, weight, *, group_list, split_item, group_type, group_list_type):
+    """``npu_grouped_matmul``'s documented contract for one x, one weight, one y, in float64 on the CPU.
+
+    group_type 0: x [M, K] rows split by group_list, weight [E, K, N] -> y [M, N].
+    group_type 2: x [M, K] columns (K) split by group_list, weight [K, N] rows too -> y [E, M, N].
+    group_list_type 0: group_list holds cumulative ends (as anymoe passes it).
+    """
+    assert split_item == 3 and group_list_type == 0 and len(x) == len(weight) == 1
+    a, b = x[0].double(), weight[0].double()
+    ends = group_list.tolist()
+    starts = [0, *ends[:-1]]
+    if group_type == 0:
+        return [torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip(starts, ends))]).to(x[0].dtype)]
+    assert group_type == 2
+    return [torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(starts, ends)]).to(x[0].dtype)]
+
+
+def test_npu_autograd_formulas_against_the_kernel_contract():
+    """The backward's kernel calls (transposes, group_type=2 for dw) give the float64 loop's gradients."""
+    from anymoe.core.grouped_mm import grouped_mm_loop
+
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([3, 0, 1, 6])
+    x = torch.randn(10, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    y = npu.NPUGroupedMM.apply(x, w, npu.group_list_from_counts(counts), contract_grouped_matmul)
+    y.backward(g)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = grouped_mm_loop(x2, w2, counts)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    assert w.grad[1].abs().max() == 0  # expert with no rows
