@@ -48,7 +48,7 @@ def route(x, p, cfg: ModelConfig):
         per = m.num_experts // r.n_groups
         gs = [(sel[g * per:(g + 1) * per].topk(2).values.sum() if r.group_score == "top2_sum"
                else sel[g * per:(g + 1) * per].max()) for g in range(r.n_groups)]
-        keep = torch.tensor(gs).topk(r.topk_groups).indices.tolist()
+        keep = torch.stack(gs).detach().topk(r.topk_groups).indices.tolist()
         sel = torch.stack([sel[e] if e // per in keep else torch.tensor(-math.inf, dtype=sel.dtype)
                            for e in range(m.num_experts)])
     ids = sel.topk(m.top_k).indices

@@ -57,8 +57,10 @@ def test_logits_match_float64_loop_reference(name):
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
-def test_backward_matches_reference_gradients():
-    cfg = tiny(**VARIANTS["qk_norm_bias_sandwich"])
+@pytest.mark.parametrize("name", ["qk_norm_bias_sandwich", "dense_first_shared_gate", "sigmoid_group_auxfree",
+                                  "mla_interleaved"])
+def test_backward_matches_reference_gradients(name):
+    cfg = tiny(**VARIANTS[name])
     model = MoETransformer(cfg).double()
     ids = torch.randint(0, cfg.vocab_size, (1, 5))
     w = torch.randn(1, 5, cfg.vocab_size, dtype=torch.float64)
