@@ -117,3 +117,23 @@ def test_freeze_router_keeps_router_weights(tmp_path):
     moved = [n for n, p in trainer.actor.module.named_parameters()
              if n in others and not torch.equal(others[n], p)]
     assert moved  # the rest of the policy did train
+
+
+def test_sft_checkpoint_of_anymoe_train_starts_the_policy(tmp_path):
+    """anymoe train (SFT) -> anymoe rlhf grpo --set rlhf.init_from=RUN_DIR: the weights carry over."""
+    sft = tmp_path / "sft"
+    assert main(["train", "configs/rlhf/sft_addition.yaml", "--out", str(sft), "--steps", "2",
+                 "--set", "logging.progress=false", "--set", "eval.every=0", "--set", "eval.at_end=false",
+                 "--set", "logging.plots=false"]) == 0
+    cfg = load_rlhf_config("configs/rlhf/grpo_addition.yaml", "grpo",
+                           ["train.steps=1", "logging.progress=false", "logging.plots=false", "eval.every=0",
+                            "eval.at_end=false", f"rlhf.init_from={sft}"])
+    trainer = trainer_class("grpo")(cfg, tmp_path / "rl", get_backend("cpu"))
+    trainer.build()
+    saved = torch.load(next((sft / "checkpoints").glob("step_*")) / "model.pt", weights_only=True)
+    for name, p in trainer.reference.module.state_dict().items():
+        assert torch.equal(p, saved[name]), name
+    with pytest.raises(ConfigError, match="rlhf.init_from"):
+        bad = load_rlhf_config("configs/rlhf/grpo_addition.yaml", "grpo",
+                               [f"rlhf.init_from={tmp_path / 'nope'}"])
+        trainer_class("grpo")(bad, tmp_path / "rl2", get_backend("cpu")).build()
