@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from anymoe.core.backend import Availability, Backend, register_backend
+from anymoe.core.backend import Availability, Backend, BackendUnavailable, register_backend
 from anymoe.core.grouped_mm import check_grouped_mm_args, grouped_mm_loop, match_operand_dtypes
 from anymoe.core.sizing import POW2, ExpertSizingPolicy
 
@@ -111,7 +111,11 @@ def load_torch_npu() -> tuple[ModuleType | None, Availability]:
         module = importlib.import_module(NPU_MODULE)
     except Exception as err:  # ImportError for a missing CANN library, anything else for a broken build
         return None, Availability(False, classify_import_error(err, version))
-    if not module.npu.is_available() or module.npu.device_count() == 0:
+    try:
+        present = module.npu.is_available() and module.npu.device_count() > 0
+    except Exception as err:  # driver present but unusable
+        return module, Availability(False, f"{no_device_reason(version)}: {type(err).__name__}: {err}")
+    if not present:
         return module, Availability(False, no_device_reason(version))
     return module, Availability(True, f"{module.npu.device_count()} device(s), torch_npu {version}")
 
@@ -179,7 +183,7 @@ class NPUBackend(Backend):
     def _npu(self) -> ModuleType:
         module, status = load_torch_npu()
         if module is None:
-            raise RuntimeError(f"backend 'npu' is not usable here: {status.reason}")
+            raise BackendUnavailable(f"backend 'npu' is not usable here: {status.reason}")
         return module
 
     def device(self, local_rank: int = 0) -> torch.device:
