@@ -30,6 +30,9 @@ from anymoe.core.parallel import ParallelConfig
 from anymoe.data.config import DataConfig
 from anymoe.models.config import ModelConfig
 from anymoe.models.presets import _merge, preset_data
+from anymoe.trainers.deepspeed_engine import DeepSpeedConfig, check_deepspeed
+from anymoe.trainers.distill import DistillConfig
+from anymoe.trainers.finetune import FinetuneConfig, check_finetune
 from anymoe.trainers.optim import OptimConfig
 
 
@@ -43,6 +46,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = param(
         "auto", doc="auto: the backend's mixed-precision dtype (fp32 on the CPU); fp32 for parity runs")
     deterministic: bool = param(True, doc="deterministic algorithms where the backend has them")
+    host_threads: int | None = param(None, ge=1, doc="intra-op CPU threads per process (null: "
+                                                      "OMP_NUM_THREADS, else torch's default)")
     max_bad_steps: int = param(5, ge=1, doc="stop after this many consecutive non-finite steps")
     spike_factor: float = param(0.0, ge=0, doc="loss > factor x running mean rolls back (0: off)")
     spike_window: int = param(20, ge=1, doc="steps in the running mean of the spike detector")
@@ -97,7 +102,7 @@ class EvalConfig:
 
 
 TOP_SECTIONS = ("name", "out_dir", "backend", "model", "data", "optim", "parallel", "train", "logging",
-                "checkpoint", "eval")
+                "checkpoint", "eval", "engine", "deepspeed", "finetune", "distill")
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,12 @@ class RunConfig:
     logging: LoggingConfig = param(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = param(default_factory=CheckpointConfig)
     eval: EvalConfig = param(default_factory=EvalConfig)
+    engine: Literal["native", "deepspeed"] = param("native", doc="native: anymoe's loop; deepspeed: "
+                                                                 "DeepSpeed ZeRO (the deepspeed section)")
+    deepspeed: DeepSpeedConfig = param(default_factory=DeepSpeedConfig, doc="engine: deepspeed settings")
+    finetune: FinetuneConfig = param(default_factory=FinetuneConfig, doc="which parameters train, "
+                                                                         "LoRA, expert growth, init weights")
+    distill: DistillConfig | None = param(None, doc="knowledge distillation from a teacher (null: off)")
 
     @property
     def ep(self) -> int:
@@ -131,6 +142,9 @@ class RunConfig:
                               f"the expert-parallel size {self.ep}; pick an ep that divides it")
         if moe is None and self.ep > 1:
             raise ConfigError("parallel.ep", "expert parallelism needs an MoE model (model.moe); set ep: 1")
+        if self.engine == "deepspeed":
+            check_deepspeed(self.deepspeed, self.model)
+        check_finetune(self.finetune, self.model, self.ep)
         seq = getattr(self.data, "seq_len", None)
         if seq is not None and seq > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"({seq}) is longer than model.max_seq_len "

@@ -124,6 +124,10 @@ class PretrainTrainer(Trainer):
         from anymoe.models.transformer import MoETransformer
 
         self.device = backend.device(self.dist.local_rank)
+        if cfg.train.host_threads is not None and "OMP_NUM_THREADS" not in os.environ:
+            # Small models: one thread per process beats two on a shared 2-core host by 15x
+            # (OMP barriers spin); see bench/results/cpu_precision.json (threads).
+            torch.set_num_threads(cfg.train.host_threads)
         backend.set_deterministic(cfg.train.deterministic)
         self.amp_dtype = resolve_precision(cfg, backend)
         self.dp_size = self.groups.dp.size if self.groups is not None else 1
