@@ -249,7 +249,8 @@ def environment():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variants", nargs="+", default=["hf", "anymoe", "anymoe_fast"])
+    ap.add_argument("--variants", nargs="+", default=["hf", "anymoe", "anymoe_fast", "anymoe_fast_compiled",
+                                                      "anymoe_fast_compiled_cg"])
     ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
