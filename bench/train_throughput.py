@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -175,7 +176,12 @@ def run_variant(name, built, args, dev):
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
            "loss_first_last": [losses[0], losses[-1]], "host_issue_s": host_time(step, args.warmup)}
     if args.profile and not args.ckpt:
-        path = args.out.replace(".json", f".{name}.prof.txt") if args.out else ""
+        path = ""
+        if args.out:  # beside the JSON, in profiles/ (keeps the result folder short)
+            folder = os.path.join(os.path.dirname(args.out) or ".", "profiles")
+            os.makedirs(folder, exist_ok=True)
+            stem = os.path.basename(args.out).replace(".json", "")
+            path = os.path.join(folder, f"{stem}.{name}.prof.txt")
         res["profile"] = profile_phases(step, path)
     return res
 

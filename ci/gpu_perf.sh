@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU performance run (issue 9): GPU-marked kernel tests, then the MoE-layer and
-# training-throughput benches; JSON results and logs go to $OUT (default bench/results).
-# Usage on the GPU machine, from the repo root:  bash ci/gpu_perf.sh [--quick]
+# GPU performance run (issue 9), one command: the GPU-marked kernel tests, then the MoE-layer
+# bench (A/B/C, balanced + Zipf) and the training-throughput bench (moe-1b vs transformers).
+# JSON results, logs and kernel profiles go to $OUT (default bench/results); about 7 minutes
+# on one H100. Usage on the GPU machine, from the repo root:  bash ci/gpu_perf.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -9,13 +10,19 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 TAG=${TAG:-$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower())' 2>/dev/null || echo gpu)}
 status=0
-python3 -m pytest -m gpu -q -p no:cacheprovider tests/backends/test_cuda_kernels.py 2>&1 | tee "$OUT/gpu_tests_$TAG.log" || status=1
+python3 -m pytest -m gpu -q -p no:cacheprovider tests/backends/test_cuda_kernels.py 2>&1 \
+  | tee "$OUT/gpu_tests_$TAG.log" || status=1
 if [[ "${1:-}" == "--quick" ]]; then
   python3 bench/moe_layer.py --configs C --iters 10 --out "$OUT/moe_layer_${TAG}_quick.json" || status=1
+  python3 bench/train_throughput.py --variants hf anymoe_fast --checkpointing off --steps 5 --no-profile \
+    --out "$OUT/train_throughput_${TAG}_quick.json" || status=1
 else
   python3 bench/moe_layer.py --out "$OUT/moe_layer_$TAG.json" 2>&1 | tee "$OUT/moe_layer_$TAG.log" || status=1
-  if [[ -f bench/train_throughput.py ]]; then
-    python3 bench/train_throughput.py --out "$OUT/train_throughput_$TAG.json" 2>&1 | tee "$OUT/train_throughput_$TAG.log" || status=1
+  python3 bench/train_throughput.py --out "$OUT/train_throughput_$TAG.json" 2>&1 \
+    | tee "$OUT/train_throughput_$TAG.log" || status=1
+  # The device tool returns at most 8 files: the per-variant profiles travel as one archive.
+  if [[ -d "$OUT/profiles" ]]; then
+    tar czf "$OUT/profiles_$TAG.tgz" -C "$OUT" profiles && rm -r "$OUT/profiles"
   fi
 fi
 exit $status
