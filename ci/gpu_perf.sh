@@ -21,7 +21,7 @@ else
   python3 bench/train_throughput.py --out "$OUT/train_throughput_$TAG.json" 2>&1 \
     | tee "$OUT/train_throughput_$TAG.log" || status=1
   # The device tool returns at most 8 files: the per-variant profiles travel as one archive.
-  if [[ -d "$OUT/profiles" ]]; then
+  if [[ -d "$OUT/profiles" && "$OUT" != "bench/results" ]]; then
     tar czf "$OUT/profiles_$TAG.tgz" -C "$OUT" profiles && rm -r "$OUT/profiles"
   fi
 fi
