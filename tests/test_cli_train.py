@@ -147,3 +147,12 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
                      "--set", f"model.checkpointing={mode}"]) == 0
         curves[mode] = losses(run)
     assert curves["full"] == pytest.approx(curves["none"], rel=1e-6)
+
+
+def test_export_hf_at_the_end(tmp_path):
+    cfg = write_cfg(tmp_path, checkpoint={"every": 0, "export_hf": True})
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--steps", "2"]) == 0
+    hf = run / "hf"
+    assert (hf / "config.json").is_file() and any(hf.glob("*.safetensors"))
+    assert (hf / "anymoe_step.txt").read_text().strip() == "2"

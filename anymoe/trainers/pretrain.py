@@ -146,6 +146,8 @@ class PretrainTrainer(Trainer):
             from anymoe.core.parallel import attach_groups
 
             attach_groups(self.model, self.groups)
+        self.finetune_summary = self._apply_finetune()  # before the optimizer: it takes what still trains
+        self.distiller = self._build_distiller()
         self.optimizer = build_optimizer(self.model, cfg.optim, backend)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         backend.manual_seed(cfg.train.seed + 1 + self.dist.rank)  # dropout streams, distinct per rank
@@ -209,7 +211,8 @@ class PretrainTrainer(Trainer):
                                              labels.view(-1), ignore_index=IGNORE, reduction="sum")
             if step in self._poison_steps:  # fault injection (tests): a non-finite loss and gradient
                 ce = ce * float("nan")
-            loss = ce * scale + out.aux_loss / self.accum
+            lm = ce if self.distiller is None else self.distiller.mix(ce, ids, labels, out.logits)
+            loss = lm * scale + out.aux_loss / self.accum
             loss.backward()
             ce_sum += ce.detach().double().cpu()
             aux_total += float(out.aux_loss.detach()) / self.accum
@@ -244,6 +247,9 @@ class PretrainTrainer(Trainer):
         self.model.update_router_biases()
         aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(aux_sums).items()}
         metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": aux_total, **aux_means}
+        if self.distiller is not None:  # the KD term per loss token (before alpha), all ranks
+            kd = self._dp_sum(torch.tensor([self.distiller.take_kl()], dtype=torch.float64)).item()
+            metrics["distill/kd"] = kd / max(n_tokens, 1.0)
         if layer_loads is not None:
             metrics["layers"] = self._layer_stats(layer_loads, layer_extra)
         return StepOutput(loss=loss_value, tokens=int(n_tokens), metrics=metrics)
@@ -361,6 +367,8 @@ class PretrainTrainer(Trainer):
 
     # ------------------------------------------------------------------ end of run
     def finish(self) -> None:
+        if self.cfg.checkpoint.export_hf:  # every rank: the expert gather under EP is collective
+            self.export_hf(self.run_dir / "hf")
         if not self.dist.is_main:
             return
         if self.cfg.logging.plots:
@@ -370,14 +378,42 @@ class PretrainTrainer(Trainer):
                 write_plots(self.run_dir)
             except (ImportError, ValueError, OSError) as err:
                 print(f"plots not written: {err}", file=sys.stderr)
-        if self.cfg.checkpoint.export_hf:
-            self.export_hf(self.run_dir / "hf")
 
     def export_hf(self, out: Path) -> None:
         from anymoe.models import hf
+        from anymoe.trainers.finetune import export_model
 
-        hf.save_pretrained(self.model, self.cfg.model, out)
-        write_bytes_atomic(out / "anymoe_step.txt", f"{self.step}\n".encode())
+        # LoRA adapters merged into a copy; model.cfg, not cfg.model: expansion may have grown it.
+        hf.save_pretrained(export_model(self.model), self.model.cfg, out)
+        if self.dist.is_main:
+            write_bytes_atomic(out / "anymoe_step.txt", f"{self.step}\n".encode())
+            self.message(f"Hugging Face model written to {out}")
+
+    # ------------------------------------------------------------------ fine-tuning, distillation
+    def _apply_finetune(self) -> dict[str, Any] | None:
+        """finetune section: initial weights, expert growth, which parameters train."""
+        ft = self.cfg.finetune
+        if not ft.active:
+            return None
+        from anymoe.trainers.finetune import apply_finetune, load_initial_weights
+
+        if ft.init_from is not None:
+            source = load_initial_weights(self.model, ft.init_from)
+            self.message(f"finetune: weights from {source}")
+        summary = apply_finetune(self.model, ft, seed=self.cfg.train.seed)
+        self.message(f"finetune: mode {summary['mode']}, {summary['trainable'] / 1e6:.3f}M of "
+                     f"{summary['total'] / 1e6:.3f}M parameters train")
+        return summary
+
+    def _build_distiller(self):
+        if self.cfg.distill is None:
+            return None
+        from anymoe.trainers.distill import Distiller
+
+        distiller = Distiller.from_config(self.cfg.distill, self.device, self.cfg.model.vocab_size)
+        self.message(f"distill: teacher {self.cfg.distill.teacher}, T {self.cfg.distill.temperature}, "
+                     f"alpha {self.cfg.distill.alpha}")
+        return distiller
 
 
 __all__ = ["IGNORE", "PretrainTrainer", "loop_settings", "resolve_precision"]
