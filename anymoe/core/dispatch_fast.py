@@ -247,7 +247,8 @@ def swiglu(h_R2F: Tensor, ops: DispatchOps | None = None) -> Tensor:
 def combine(y_RD: Tensor, sorted_pos_TK: Tensor, weights_TK: Tensor,
             ops: DispatchOps | None = None) -> Tensor:
     """``out[t] = sum_k w[t, k] * y[sorted_pos[t, k]]`` (fp32 accumulation), [T, D]; differentiable
-    in y and w. Backward: one pass per token writes its K row gradients and K weight gradients."""
+    in y and w. Backward: one pass per token writes its K row gradients and K weight gradients,
+    so ``sorted_pos`` must be a permutation of y's rows (as a RouteIndex's is)."""
     ops = ops or dispatch_ops_for(y_RD)
     return _Combine.apply(y_RD.contiguous(), sorted_pos_TK.contiguous(), weights_TK.contiguous(), ops.name)
 
