@@ -29,6 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume-at", type=int, default=None,
                      help="stop after this step, then resume from its checkpoint (proves resume parity)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--run-dir", default=None,
+                     help="keep the run's checkpoints and metrics here (default: a temp folder, removed)")
     cmp = sub.add_parser("compare", help="compare curves against the first one")
     cmp.add_argument("curves", nargs="+", help="curve files; the first is the reference")
     cmp.add_argument("--rtol", type=float, default=1e-5, help="max relative loss difference allowed")
@@ -52,6 +54,12 @@ def run_compare(paths: list[str], rtol: float, plot: str | None) -> int:
     except (OSError, ValueError) as err:
         print(f"anymoe parity compare: {err}", file=sys.stderr)
         return 2
+    for other in curves[1:]:
+        ref_recipe, recipe = curves[0].meta.get("recipe_sha256"), other.meta.get("recipe_sha256")
+        if ref_recipe and recipe and ref_recipe != recipe:
+            print(f"note: {other.path} was trained from another recipe (model, data, optimiser, seed or "
+                  f"steps) than {curves[0].path}; its differences are not a parity measurement",
+                  file=sys.stderr)
     reports = [compare(curves[0], other, rtol) for other in curves[1:]]
     print(format_table(reports, rtol))
     if plot:
