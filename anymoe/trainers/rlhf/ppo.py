@@ -86,9 +86,16 @@ class PPOTrainer(RLHFTrainer):
                      f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
     def train_step(self, step: int) -> StepOutput:
+        before = {}
+        if step == 0 and (self.cfg.eval.every or self.cfg.eval.at_end):
+            # The start of the curve: the held-out score before any update (logged with step 1).
+            before = {f"{k}_before": v for k, v in self.evaluate().items()}
+            if before:
+                self.message("before RL: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
         items = self.stream.next_batch()["items"]
         self.engine.step_count = step  # the lr schedule follows the loop's step (resume-safe)
         row = self.engine.step([item_row(it) for it in items], [it.prompt for it in items])
+        row.update(before)
         row.pop("step", None)
         loss = row.pop("loss")
         tokens = int(row.get("response_len", 0) * len(items) * self.cfg.rlhf.rollout.samples_per_prompt)

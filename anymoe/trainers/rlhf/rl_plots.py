@@ -2,6 +2,7 @@
 
 Reads RUN_DIR/metrics.jsonl and writes what the run logged:
   reward.png      reward mean +- std per step, each reward part, greedy eval reward/exact
+                  (from step 0: the score before any update)
   rl_stats.png    KL to the reference, entropy, clip fraction, response length
   routing.png     routing agreement rollout vs training forward, |log pi_train - log pi_rollout|
   preference.png  (rm / dpo) accuracy and margin, train and eval
@@ -55,6 +56,8 @@ def write_rl_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> li
                                  alpha=0.2, label="+- std")
         for key in ("eval_reward", "eval_exact"):
             ex, ey = _series(rows, key)
+            bx, by = _series(rows, f"{key}_before")
+            ex, ey = [0] * len(bx) + ex, by + ey  # the score before any update sits at step 0
             if ex:
                 axes[0].plot(ex, ey, "o--", label=key, markersize=4)
         axes[0].set_title("reward")

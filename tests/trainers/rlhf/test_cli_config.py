@@ -35,6 +35,7 @@ def test_cli_grpo_writes_metrics_plots_checkpoint_and_summary(tmp_path, capsys):
     assert main([*again, "--steps", "3", "--resume"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward_mean" in r] == [1, 2, 3]
+    assert "eval_reward_before" in rows[0]  # the start of the eval curve, measured before any update
 
 
 def test_resume_continues_the_same_curve(tmp_path):
