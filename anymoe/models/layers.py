@@ -111,14 +111,28 @@ def build_attention_mask(key_valid_BL: Tensor | None, S: int, L: int, device: to
     return allowed[:, None]
 
 
-def attend(q_BHSD: Tensor, k_BHLD: Tensor, v_BHLD: Tensor, mask: Tensor | None, scale: float,
-           dropout: float) -> Tensor:
-    """Scaled dot-product attention, causal when no explicit mask is given."""
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or bool(is_exporting and is_exporting())
+
+
+def attend(q_BHSD: Tensor, k_BGLD: Tensor, v_BGLD: Tensor, mask: Tensor | None, scale: float,
+           dropout: float, rep: int = 1) -> Tensor:
+    """Scaled dot-product attention (causal when no explicit mask is given); ``rep`` = H / G query
+    heads per key/value head (a Python int, so tracers see no shape test).
+
+    Grouped-query attention uses SDPA's ``enable_gqa`` (no copy of the keys and values per
+    query head); exporters get the equivalent explicit ``repeat_kv`` instead.
+    """
+    kwargs: dict = {"dropout_p": dropout, "scale": scale}
+    if rep > 1:
+        if _exporting():
+            k_BGLD, v_BGLD = repeat_kv(k_BGLD, rep), repeat_kv(v_BGLD, rep)
+        else:
+            kwargs["enable_gqa"] = True
     if mask is None:
-        return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, dropout_p=dropout, is_causal=True,
-                                              scale=scale)
-    return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, attn_mask=mask, dropout_p=dropout,
-                                          scale=scale)
+        return F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, is_causal=True, **kwargs)
+    return F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, **kwargs)
 
 
 class Attention(nn.Module):
@@ -153,9 +167,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        rep = self.n_heads // self.n_kv_heads
-        out = attend(q, repeat_kv(k, rep), repeat_kv(v, rep), mask, self.scale,
-                     self.dropout if self.training else 0.0)
+        out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0,
+                     self.n_heads // self.n_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -29,7 +29,7 @@ class LogitsOnly(nn.Module):
 
     def __init__(self, model: MoETransformer) -> None:
         super().__init__()
-        self.model = copy.deepcopy(model).float().eval()
+        self.model = copy.deepcopy(model).cpu().float().eval()
         self.model.set_moe_impl("every_expert")
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def export_onnx(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = LogitsOnly(model.cpu())
+    module = LogitsOnly(model).eval()
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, example_shape)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
