@@ -8,7 +8,9 @@ DeepSeek-V3 / Llama / Qwen2 directory). Experts are written canonical (unpadded)
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,31 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError) as err:
         print(f"anymoe convert: {err}", file=sys.stderr)
         return 2
+    copied = copy_tokenizer_files(Path(args.src), out)
     total = model.num_parameters()
-    print(f"wrote {args.to} checkpoint {out} ({total / 1e6:.1f}M parameters)")
+    extra = f"; tokenizer files: {', '.join(copied)}" if copied else ""
+    print(f"wrote {args.to} checkpoint {out} ({total / 1e6:.1f}M parameters){extra}")
     return 0
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Carry the tokenizer (and generation defaults) along, so the converted directory is complete."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -19,7 +19,9 @@ def test_convert_anymoe_to_hf_and_back(tmp_path, capsys):
     model = _saved(tmp_path)
     assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "anymoe"]) == 0
+    assert (tmp_path / "back" / "tokenizer_config.json").is_file()
     ids = torch.randint(0, 260, (2, 6))
     with torch.no_grad():
         assert (from_pretrained(tmp_path / "back")(ids) - model(ids)).abs().max() <= 1e-6
