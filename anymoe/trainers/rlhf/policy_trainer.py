@@ -73,7 +73,7 @@ class PolicyTrainer:
                 # Epoch 0 walks the same consecutive chunks old_logp was computed on (ratio == 1 exactly).
                 for mb in exp.micro_batches(pol.micro_batch, self.shuffle if epoch > 0 else None):
                     stats = self.policy_step(mb)
-                    if first:
+                    if first and "ratio_max_dev" in stats:
                         sums["first_ratio_max_dev"].append(stats["ratio_max_dev"])
                         first = False
                     if self.critic is not None:
@@ -81,6 +81,7 @@ class PolicyTrainer:
                     for k, v in stats.items():
                         sums[k].append(v)
         out = {k: sum(v) / len(v) for k, v in sums.items()}
+        out["nonfinite"] = float(sum(sums.get("nonfinite", [])))
         out["lr"] = lr
         return out
 
@@ -114,9 +115,13 @@ class PolicyTrainer:
         loss = loss + out.aux_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(list(self.actor.parameters()), self.grad_clip)
-            stats["grad_norm"] = float(norm)
+        norm = torch.nn.utils.clip_grad_norm_(list(self.actor.parameters()), self.grad_clip or float("inf"))
+        stats["grad_norm"] = float(norm)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            # A non-finite loss or gradient: no update (the loop counts the step as skipped).
+            self.optimizer.zero_grad(set_to_none=True)
+            stats["nonfinite"] = 1.0
+            return stats
         self.optimizer.step()
         if moe.update_bias:
             for layer in _moe_layers(self.actor.module):
@@ -137,9 +142,11 @@ class PolicyTrainer:
                                   clip_eps=self.cfg.critic.value_clip or None)
         self.critic_optimizer.zero_grad(set_to_none=True)
         (self.cfg.critic.coef * vloss).backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.critic.parameters()), self.grad_clip)
-        self.critic_optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(list(self.critic.parameters()), self.grad_clip or float("inf"))
+        if torch.isfinite(vloss) and torch.isfinite(norm):
+            self.critic_optimizer.step()
+        else:
+            stats["nonfinite"] = 1.0
         stats["value_loss"] = vloss.item()
         return stats
 

@@ -98,6 +98,10 @@ class PPOTrainer(RLHFTrainer):
         row.update(before)
         row.pop("step", None)
         loss = row.pop("loss")
+        if row.get("nonfinite", 0) > 0:
+            bad = int(row["nonfinite"])
+            return StepOutput(loss=float("nan"), skipped=True, metrics=row,
+                              reason=f"{bad} micro-step(s) with a non-finite loss or gradient")
         tokens = int(row.get("response_len", 0) * len(items) * self.cfg.rlhf.rollout.samples_per_prompt)
         return StepOutput(loss=loss, tokens=tokens, metrics=row)
 

@@ -88,3 +88,12 @@ def test_truncated_is_weights_are_capped_rollout_ratios(tiny_model_factory):
     w = truncated_is_weight(exp.old_logp_BR, exp.rollout_logp_BR, 1.5)
     assert w.max() <= 1.5 and (w[exp.mask_BR.bool()] != 1).any()  # the drift shows up in the weights
     trainer.policy_step(exp.micro_batches(16)[0])  # and the step runs with them
+
+
+def test_non_finite_step_leaves_the_weights_alone(tiny_model_factory):
+    actor, exp, _, trainer = _rollout_then_perturb(tiny_model_factory, replay=True)
+    exp.advantages_BR[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in actor.module.named_parameters()}
+    stats = trainer.policy_step(exp.micro_batches(16)[0])
+    assert stats["nonfinite"] == 1.0
+    assert all(torch.equal(before[n], p) for n, p in actor.module.named_parameters())
