@@ -282,3 +282,20 @@ def test_transformers5_fused_expert_layout_loads(kind, tmp_path):
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         assert (ours(ids) - _hf_logits(hf, ids)).abs().max().item() <= TOL
+
+
+def test_tied_embeddings_both_ways(tmp_path):
+    cfg_cls, model_cls, kw = HF_CASES["qwen3_moe"]
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(
+        getattr(transformers, cfg_cls)(**COMMON, **kw, tie_word_embeddings=True)
+    )
+    hf.eval().save_pretrained(tmp_path / "tied")
+    ours = from_pretrained(tmp_path / "tied").eval()
+    assert ours.cfg.tie_embeddings and ours.lm_head.weight is ours.embed.weight
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        assert (ours(ids) - _hf_logits(hf, ids)).abs().max().item() <= TOL
+    save_pretrained(ours, tmp_path / "back", format="hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert (_hf_logits(again, ids) - _hf_logits(hf, ids)).abs().max().item() <= TOL

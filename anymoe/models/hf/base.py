@@ -124,7 +124,8 @@ class HFArchitecture(ABC):
 
     def ignored(self, name: str, cfg: ModelConfig) -> bool:
         """Checkpoint tensors anymoe does not use (e.g. rotary caches); never silently dropped otherwise."""
-        return name.endswith("rotary_emb.inv_freq")
+        # A tied head is the embedding; some checkpoints store the copy anyway.
+        return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings)
 
 
 ARCHITECTURES: dict[str, HFArchitecture] = {}
