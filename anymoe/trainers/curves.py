@@ -131,6 +131,15 @@ def format_table(reports: list[PairReport], rtol: float) -> str:
     return "\n".join(lines)
 
 
+def write_report_json(path: str | Path, curves: list[Curve], reports: list[PairReport], rtol: float) -> None:
+    """The compare table as JSON (one object per pair, plus every curve's path and meta)."""
+    pairs = [{"reference": r.reference, "other": r.other, "steps": r.steps, "max_rel": r.max_rel,
+              "mean_rel": r.mean_rel, "first_over": r.first_over, "routing_agreement": r.routing_agreement,
+              "ok": r.ok()} for r in reports]
+    data = {"rtol": rtol, "pairs": pairs, "curves": [{"path": c.path, "meta": c.meta} for c in curves]}
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
 def plot_curves(curves: list[Curve], reports: list[PairReport], out: str | Path) -> None:
     """Loss curves (top) and relative difference to the reference (bottom, log scale)."""
     import matplotlib

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from anymoe.trainers.curves import compare, format_table, plot_curves, read_curve
+from anymoe.trainers.curves import compare, format_table, plot_curves, read_curve, write_report_json
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,17 +35,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     cmp.add_argument("curves", nargs="+", help="curve files; the first is the reference")
     cmp.add_argument("--rtol", type=float, default=1e-5, help="max relative loss difference allowed")
     cmp.add_argument("--plot", default=None, help="write a PNG of the curves and their difference")
+    cmp.add_argument("--json", default=None, help="also write the table (and each curve's meta) as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "compare":
-        return run_compare(args.curves, args.rtol, args.plot)
+        return run_compare(args.curves, args.rtol, args.plot, getattr(args, "json", None))
     from anymoe.trainers.parity_run import parity_run
 
     return parity_run(args)
 
 
-def run_compare(paths: list[str], rtol: float, plot: str | None) -> int:
+def run_compare(paths: list[str], rtol: float, plot: str | None, json_out: str | None = None) -> int:
     if len(paths) < 2:
         print("anymoe parity compare: give at least two curve files", file=sys.stderr)
         return 2
@@ -65,4 +66,6 @@ def run_compare(paths: list[str], rtol: float, plot: str | None) -> int:
     if plot:
         plot_curves(curves, reports, plot)
         print(f"plot written to {plot}")
+    if json_out:
+        write_report_json(json_out, curves, reports, rtol)
     return 0 if all(r.ok() for r in reports) else 1
