@@ -50,6 +50,10 @@ class RLHFConfig(RunConfig):
                                                            "(or run `anymoe rlhf ppo` for GAE)")
         if self.model.moe is None:
             raise ConfigError("model.moe", "anymoe RLHF trains MoE models; add a moe: section")
+        dp = self.parallel.dp
+        if self.parallel.ep > 1 or (isinstance(dp, int) and dp > 1):
+            raise ConfigError("parallel", "the RLHF trainers run in one process (no data or expert "
+                                          "parallelism yet); set parallel.ep: 1 and parallel.dp: auto")
         if self.model.moe.router.kind == "expert_choice" and self.rlhf.moe.routing_replay:
             raise ConfigError("rlhf.moe.routing_replay", "expert-choice routing has no per-token choices to "
                                                          "replay; set routing_replay: false")
