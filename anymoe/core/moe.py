@@ -36,7 +36,8 @@ from anymoe.core.balance import (
     weighted_total,
 )
 from anymoe.core.config import ConfigError, param
-from anymoe.core.dispatch import LocalDispatcher, TokenDispatcher, apply_capacity, capacity_per_expert
+from anymoe.core.dispatch import TokenDispatcher, apply_capacity, capacity_per_expert
+from anymoe.core.dispatch_fast import FastLocalDispatcher
 from anymoe.core.experts import Experts, SharedExperts
 from anymoe.core.grouped_mm import GroupedMM
 from anymoe.core.router import Router, RouterConfig, Routing, build_router
@@ -136,7 +137,9 @@ class MoELayer(nn.Module):
         E = cfg.num_experts
         # Parameters are drawn in a fixed order (router, experts, shared) from the global generator.
         self.router: Router = build_router(E, cfg.top_k, d_model, cfg.router, cfg.balance)
-        self.dispatcher = dispatcher or LocalDispatcher(E)
+        # The fast local dispatcher (sync-free route index, gather-based permute, fused combine; the
+        # backend registers device kernels for it) is the default; LocalDispatcher is its reference.
+        self.dispatcher = dispatcher or FastLocalDispatcher(E)
         self.experts = Experts(E, d_model, cfg.expert_hidden, num_local=self.dispatcher.num_local_experts,
                                local_offset=self.dispatcher.local_expert_offset, grouped_mm=grouped_mm,
                                sizing=sizing, fused_w13=cfg.fused_w13, init_std=cfg.init_std)
