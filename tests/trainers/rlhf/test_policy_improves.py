@@ -34,7 +34,7 @@ def _assert_improves(rows, margin: float):
 
 
 def test_grpo_raises_mean_reward(tmp_path):
-    trainer, rows = _fit("grpo", tmp_path, 30)
+    trainer, rows = _fit("grpo", tmp_path, 25)
     _assert_improves(rows, 0.15)
     assert (tmp_path / "grpo" / "reward.png").stat().st_size > 1000
     assert (tmp_path / "grpo" / "expert_load.png").is_file()
@@ -42,7 +42,7 @@ def test_grpo_raises_mean_reward(tmp_path):
 
 
 def test_ppo_raises_mean_reward(tmp_path):
-    trainer, rows = _fit("ppo", tmp_path, 30)
+    trainer, rows = _fit("ppo", tmp_path, 25)
     assert trainer.critic is not None
     _assert_improves(rows, 0.15)
     assert "value_loss" in rows[-1]
