@@ -248,8 +248,9 @@ class GroupLimitedRouter(Router):
             group_TG = sel_TGe.topk(2, dim=-1).values.sum(-1)
         else:
             group_TG = sel_TGe.amax(dim=-1)
-        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
-        keep_TG.scatter_(1, group_TG.topk(self.cfg.topk_groups, dim=-1).indices, True)
+        # A float scatter then a compare: the same mask, and it exports to ONNX with both exporters.
+        best_TG = group_TG.topk(self.cfg.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros_like(group_TG).scatter(1, best_TG, 1.0) > 0
         keep_TE = keep_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
         return sel_TE.masked_fill(~keep_TE, float("-inf"))
 
