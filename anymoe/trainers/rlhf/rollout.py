@@ -96,7 +96,11 @@ class Rollout:
                 ids = ids[:-1]
             texts.append(self.tokenizer.decode(ids))
         if self.reward_model is not None:
-            last_B = prompt_len + mask_BR.sum(1).long() - 1
+            # Read the head where `anymoe rlhf rm` read it: the last response token before the end
+            # token (the preference rows hold prompt + response without the end token).
+            n_B = mask_BR.sum(1).long()
+            last_tok = seq_BL.gather(1, (prompt_len + n_B - 1).clamp(min=0).view(-1, 1)).squeeze(1)
+            last_B = prompt_len + n_B - 1 - (last_tok == self.tokenizer.eos_id).long()
             with torch.no_grad():
                 scores, _ = self.reward_model.score(seq_BL, last_B)
             return scores.float().cpu(), {"reward_model": scores.float().cpu()}, texts
