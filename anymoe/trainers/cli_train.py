@@ -156,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
     from anymoe.trainers.loop import TrainingStopped
     from anymoe.trainers.pretrain import PretrainTrainer, resolve_precision
 
-    trainer = PretrainTrainer(cfg, run_dir, backend, dist=env, resume=resume, groups=groups)
+    trainer_cls = PretrainTrainer
+    if cfg.engine == "deepspeed":
+        from anymoe.trainers.deepspeed_trainer import DeepSpeedPretrainTrainer as trainer_cls
+    trainer = trainer_cls(cfg, run_dir, backend, dist=env, resume=resume, groups=groups)
     if env.is_main:
         write_bytes_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     t0 = time.perf_counter()
