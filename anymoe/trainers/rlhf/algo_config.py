@@ -66,6 +66,8 @@ class PolicyConfig:
     gamma: float = param(1.0, ge=0, le=1, doc="discount")
     lam: float = param(0.95, ge=0, le=1, doc="GAE lambda")
     norm_std: bool = param(True, doc="grpo: divide by the group std (false: Dr. GRPO)")
+    whiten_advantages: bool = param(False, doc="normalise advantages over the batch's response tokens "
+                                               "(the usual PPO/GAE trick; reinforce_pp always does)")
 
     def validate(self) -> None:
         if self.advantage not in ADVANTAGES:

@@ -25,7 +25,7 @@ from torch import Tensor
 from anymoe.trainers.rlhf.advantages import AdvantageInputs, get_advantage
 from anymoe.trainers.rlhf.algo_config import AlgoSection
 from anymoe.trainers.rlhf.experience import Experience
-from anymoe.trainers.rlhf.losses import kl_penalty, masked_mean
+from anymoe.trainers.rlhf.losses import kl_penalty, masked_mean, masked_whiten
 from anymoe.trainers.rlhf.model_io import generate_rl
 from anymoe.trainers.rlhf.roles import Actor, Critic, Reference, RewardModel
 from anymoe.trainers.rlhf.routing import layered_agreement
@@ -173,6 +173,8 @@ class Rollout:
                               group_size=self.cfg.rollout.samples_per_prompt, gamma=pol.gamma, lam=pol.lam,
                               norm_std=pol.norm_std)
         exp.advantages_BR, exp.returns_BR = get_advantage(pol.advantage, "rlhf.policy.advantage")(inp)
+        if pol.whiten_advantages:
+            exp.advantages_BR = masked_whiten(exp.advantages_BR, exp.mask_BR)
 
     # ---- all phases ----
     def record(self, prompt_BP: Tensor, gen: Any, prompts: Sequence[str], rows: Rows

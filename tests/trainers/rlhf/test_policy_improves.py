@@ -55,3 +55,8 @@ def test_other_estimators_run(tmp_path, advantage, agg):
                                          "rlhf.policy.kl_coef=0.05", "rlhf.moe.router_kl_coef=0.1",
                                          "logging.plots=false"])
     assert len(rows) == 3 and "router_kl" in rows[-1] and "kl_loss" in rows[-1]
+
+
+def test_ppo_with_whitened_advantages_runs(tmp_path):
+    trainer, rows = _fit("ppo", tmp_path, 2, ["rlhf.policy.whiten_advantages=true", "logging.plots=false"])
+    assert len(rows) == 2 and "value_loss" in rows[-1]
