@@ -72,9 +72,28 @@ def init_distributed(backend, timeout_s: float = 300.0) -> DistEnv:
         kwargs = {}
         if backend.device_type != "cpu":
             kwargs["device_id"] = backend.device(env.local_rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _attempt_store(env, timeout)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend=backend.dist_backend, rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                                timeout=timeout, **kwargs)
     return env
+
+
+def _attempt_store(env: DistEnv, timeout: datetime.timedelta):
+    """Under torchrun's agent, the store keys of this restart attempt only.
+
+    The agent's TCPStore outlives a restart, and the keys a process group writes there (each
+    rank's listening address) are not namespaced by attempt: after an elastic restart, ranks
+    read the dead processes' addresses and the gloo mesh fails with "connection refused"
+    (seen with torch 2.13 --standalone). A prefix per attempt keeps the rounds apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                        is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"anymoe/attempt_{env.restart_count}", tcp)
 
 
 def shutdown() -> None:
