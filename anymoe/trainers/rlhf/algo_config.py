@@ -28,6 +28,9 @@ class RolloutConfig:
     max_new_tokens: int = param(8, ge=1, doc="response length limit")
     temperature: float = param(1.0, gt=0, doc="sampling temperature (log-probs stay those of the model)")
     top_k: int = param(0, ge=0, doc="sample among the top-k tokens (0: all)")
+    dtype: Literal["fp32", "bf16"] = param("fp32", doc="numeric format of the sampling copy of the "
+                                                       "policy (bf16: like an inference engine; "
+                                                       "training stays fp32)")
 
 
 @dataclass(frozen=True)

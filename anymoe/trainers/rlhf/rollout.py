@@ -15,12 +15,13 @@ Prompts are bucketed by token length so a record needs no attention mask.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from anymoe.trainers.rlhf.advantages import AdvantageInputs, get_advantage
 from anymoe.trainers.rlhf.algo_config import AlgoSection
@@ -64,21 +65,34 @@ class Rollout:
     critic: Critic | None = None
     generator: torch.Generator | None = None
     device: torch.device = torch.device("cpu")
+    _engine: nn.Module | None = field(default=None, init=False, repr=False)
 
     def encode_prompt(self, text: str) -> list[int]:
         """The prompt's tokens, no special tokens (the SFT datasets' convention, so an SFT model fits)."""
         return self.tokenizer.encode(text)
 
     # ---- 1. generate ----
+    def sampler(self) -> nn.Module:
+        """The module that samples: the policy itself, or a bf16 copy synced to it before each rollout
+        (what an inference engine does; its other numerics are what routing replay and TIS correct)."""
+        if self.cfg.rollout.dtype == "fp32":
+            return self.actor.module
+        if self._engine is None:
+            self._engine = copy.deepcopy(self.actor.module).to(torch.bfloat16)
+        else:
+            self._engine.load_state_dict(self.actor.module.state_dict())  # weight sync, cast on copy
+        return self._engine
+
     def generate(self, prompt_BP: Tensor):
         r = self.cfg.rollout
-        self.actor.module.eval()
+        module = self.sampler()
+        module.eval()
         try:
-            return generate_rl(self.actor.module, prompt_BP, r.max_new_tokens, eos_id=self.tokenizer.eos_id,
+            return generate_rl(module, prompt_BP, r.max_new_tokens, eos_id=self.tokenizer.eos_id,
                                pad_id=self.tokenizer.pad_id, temperature=r.temperature, top_k=r.top_k,
                                generator=self.generator)
         finally:
-            self.actor.module.train()
+            module.train()
 
     def response_mask(self, tokens_BR: Tensor) -> Tensor:
         """1 up to and including the first end token; 0 after it."""

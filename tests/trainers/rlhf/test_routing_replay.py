@@ -97,3 +97,24 @@ def test_non_finite_step_leaves_the_weights_alone(tiny_model_factory):
     stats = trainer.policy_step(exp.micro_batches(16)[0])
     assert stats["nonfinite"] == 1.0
     assert all(torch.equal(before[n], p) for n, p in actor.module.named_parameters())
+
+
+def test_bf16_sampler_other_numerics_replay_and_tis(tiny_model_factory):
+    """A bf16 copy samples (like an inference engine); the fp32 training forward replays its routing."""
+    model = tiny_model_factory(0)
+    cfg = load_config(AlgoSection, {
+        "rollout": {"samples_per_prompt": 4, "max_new_tokens": 4, "dtype": "bf16"},
+        "policy": {"micro_batch": 16}, "moe": {"tis_cap": 2.0}})
+    reward = WeightedReward([("digits", resolve_reward("digit_share"), 1.0)])
+    rollout = Rollout(Actor(model), ByteTokenizer(), cfg, reward_fn=reward,
+                      generator=torch.Generator().manual_seed(0))
+    prompts = [p for p in ("12+34=", "56+78=", "90+11=", "23+45=") for _ in range(4)]
+    exps, stats = rollout.make_experience([{"answer": "0"}] * 16, prompts)
+    assert next(rollout.sampler().parameters()).dtype == torch.bfloat16
+    assert stats.rollout_train_logp_gap > 1e-4  # bf16 sampling vs fp32 training log-probs differ
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant")
+    out = PolicyTrainer(rollout, optim, CPUBackend(), 10).policy_step(exps[0].micro_batches(16)[0])
+    assert out["ratio_max_dev"] == 0.0  # ratio against the fp32 old log-probs: exactly 1
+    # The next rollout syncs the trained weights into the bf16 copy.
+    w = next(model.parameters())
+    assert torch.equal(next(rollout.sampler().parameters()), w.detach().to(torch.bfloat16))
