@@ -112,3 +112,59 @@ def test_bad_combinations_name_the_field():
     check_finetune(attention_only, tiny, ep=2)
     with pytest.raises(ConfigError, match="mode"):
         load_config(FinetuneConfig, {"mode": "adapters"}, "finetune")
+
+
+def test_cli_lora_finetune_from_a_run_exports_merged_and_distills(tmp_path):
+    """anymoe train: pretrain 2 steps -> LoRA fine-tune from that run (export_hf merged) ->
+    distil a smaller student from it; the trainer wiring end to end."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from anymoe.models.io import from_pretrained
+    from anymoe.models.lora import LoRAConfig, apply_lora
+    from anymoe.trainers.metrics import read_metrics
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    base = {"model": {"preset": "tiny", "vocab_size": 259, "d_model": 32, "max_seq_len": 32,
+                      "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 32}},
+            "data": {"format": "text", "path": "shipped:tiny_corpus.txt", "seq_len": 32, "eval_split": 0.02},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
+            "train": {"steps": 2, "micro_batch": 2, "global_batch": 4, "precision": "fp32"},
+            "logging": {"progress": False, "plots": False, "tensorboard": False}, "eval": {"batches": 1}}
+
+    def train(name, **sections):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({**base, "name": name, **sections}))
+        cmd = [sys.executable, "-m", "anymoe", "train", str(cfg), "--out", str(tmp_path / name)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return tmp_path / name
+
+    pre = train("pre")
+    lora = {"mode": "lora", "init_from": str(pre), "lora": {"rank": 2, "alpha": 4.0}}
+    ft = train("ft", finetune=lora, checkpoint={"export_hf": True})
+    pre_state = torch.load(pre / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
+    ft_state = torch.load(ft / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
+    for key, value in ft_state.items():
+        if ".base." in key:
+            assert torch.equal(value, pre_state[key.replace(".base.", ".")]), key  # frozen base = pretrained
+    assert any(k.endswith(".B1") and v.abs().sum() > 0 for k, v in ft_state.items())  # adapters trained
+    # The export is the merged plain model and computes what the adapted model computes.
+    exported = from_pretrained(ft / "hf").double().eval()
+    adapted = MoETransformer(exported.cfg)
+    apply_lora(adapted, LoRAConfig(rank=2, alpha=4.0))
+    adapted.load_state_dict(ft_state)
+    adapted = adapted.double().eval()
+    ids = torch.randint(0, 259, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids), adapted(ids), rtol=1e-6, atol=1e-6)
+    student = train("student", distill={"teacher": str(pre), "temperature": 2.0, "alpha": 0.5},
+                    model={**base["model"], "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}})
+    rows = [r for r in read_metrics(student) if "loss" in r]
+    assert rows and all(r["distill/kd"] > 0 for r in rows)
