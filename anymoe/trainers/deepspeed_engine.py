@@ -23,7 +23,9 @@ gradient norm DeepSpeed clips with sums the expert partitions over the world, so
 global norm of anymoe's loop too.
 
 ZeRO-3 is refused for MoE models: DeepSpeed 0.19.8 allows stage 3 with MoE only for its own
-AutoEP layers ("Native DeepSpeed MoE is not supported with ZeRO Stage 3", engine.py).
+AutoEP layers ("Native DeepSpeed MoE is not supported with ZeRO Stage 3", engine.py). AutoTP
+(``tensor_parallel.autotp_size``) is refused too: its TP ranks must read the same batch, while
+anymoe's data parallelism spans the world and its EP groups would have to nest with TP groups.
 
 The accelerator DeepSpeed uses is the backend's: ``DS_ACCELERATOR`` is set to the backend's
 name (DeepSpeed's accelerator names are the same: cpu, cuda, npu) before DeepSpeed loads.
@@ -123,6 +125,11 @@ def ds_config(ds: DeepSpeedConfig, micro_batch: int, accum: int, world_size: int
     for key, where in _REFUSED.items():
         if key in user and (key != "fp16" or user[key].get("enabled", False)):
             raise ConfigError("deepspeed.config", f"{ds.config} sets {key!r}; anymoe owns it: set {where}")
+    if int(user.get("tensor_parallel", {}).get("autotp_size", 1)) > 1:
+        raise ConfigError("deepspeed.config", f"{ds.config} sets tensor_parallel.autotp_size; DeepSpeed's "
+                          "AutoTP is not wired into anymoe (its TP ranks must read the same batch, anymoe's "
+                          "data parallelism spans the whole world, and its EP groups would have to nest with "
+                          "the TP groups); remove tensor_parallel and use parallel.ep / data parallelism")
     if "bf16" in user and bool(user["bf16"].get("enabled", False)) != bf16:
         raise ConfigError("deepspeed.config", f"{ds.config} sets bf16.enabled = {user['bf16'].get('enabled')}"
                           f" but train.precision gives {'bf16' if bf16 else 'fp32'}; set train.precision")

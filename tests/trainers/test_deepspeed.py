@@ -47,7 +47,8 @@ def test_generated_config_and_json_merge(tmp_path):
     assert merged["zero_optimization"]["overlap_comm"] and merged["zero_optimization"]["stage"] == 2
     for bad, match in (({"train_batch_size": 32}, "train_batch_size"),
                        ({"optimizer": {"type": "Adam"}}, "optim"),
-                       ({"bf16": {"enabled": False}}, "train.precision")):
+                       ({"bf16": {"enabled": False}}, "train.precision"),
+                       ({"tensor_parallel": {"autotp_size": 2}}, "AutoTP")):
         extra.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match="deepspeed.config") as err:
             ds_config(DeepSpeedConfig(config=str(extra)), 2, 3, 4, 1.0, True)
