@@ -60,3 +60,17 @@ def test_malformed_curve_is_a_clear_error(tmp_path, capsys):
     good = _curve(tmp_path / "a.jsonl", [1.0])
     assert main(["parity", "compare", str(good), str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_compare_json_holds_pairs_and_meta(tmp_path):
+    import json
+
+    meta = {"backend": "cpu", "precision": "fp32", "recipe_sha256": "x"}
+    a = _curve(tmp_path / "a.jsonl", [4.0, 3.0], meta=meta)
+    b = _curve(tmp_path / "b.jsonl", [4.0, 3.3], meta=meta)
+    out = tmp_path / "t.json"
+    assert main(["parity", "compare", str(a), str(b), "--rtol", "1e-3", "--json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    assert data["rtol"] == 1e-3 and data["curves"][1]["meta"]["recipe_sha256"] == "x"
+    (pair,) = data["pairs"]
+    assert pair["ok"] is False and pair["first_over"] == 1 and pair["max_rel"] == pytest.approx(0.3 / 3.3)

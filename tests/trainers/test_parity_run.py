@@ -186,3 +186,17 @@ def test_committed_cpu_reference_has_the_parity_recipe():
     args = parser.parse_args(["run", CONFIG, "--out", "x", "--backend", "cpu", "--steps", str(meta["steps"])])
     cfg, _ = load_parity_config(args)
     assert meta["recipe_sha256"] == recipe_sha256(cfg)
+
+
+@pytest.mark.slow
+def test_cpu_reference_curve_reproduces(tmp_path, capsys):
+    """Remaking bench/results/parity/cpu_fp32.jsonl (200 steps) gives the committed curve: fails
+    when a code change moved the numerics (then remake the references, see the README)."""
+    ref = ROOT / "bench" / "results" / "parity" / "cpu_fp32.jsonl"
+    if not ref.is_file():
+        pytest.skip(f"{ref} not committed yet")
+    out = tmp_path / "cpu_fp32.jsonl"
+    with _restore_determinism():
+        assert main(["parity", "run", CONFIG, "--backend", "cpu", "--out", str(out)]) == 0
+    code, table = _compare(capsys, 1e-5, ref, out)
+    assert code == 0, table
