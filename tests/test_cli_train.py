@@ -16,7 +16,7 @@ FAST = {
                       "balance": {"aux_loss": 0.01, "z_loss": 0.001}}},
     "data": {"format": "text", "path": "shipped:tiny_corpus.txt", "seq_len": 32, "eval_split": 0.02},
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-    "train": {"steps": 8, "micro_batch": 2, "global_batch": 4, "precision": "fp32"},
+    "train": {"steps": 8, "micro_batch": 2, "global_batch": 4, "precision": "fp32", "host_threads": 1},
     "logging": {"progress": False, "plots": False, "tensorboard": False},
     "checkpoint": {"every": 4, "keep_last": 3},
     "eval": {"every": 0, "batches": 1},
@@ -78,7 +78,7 @@ def test_plot_command(tmp_path):
     assert main(["plot", str(tmp_path / "nothing")]) == 2
 
 
-def test_resume_continues_bitwise(tmp_path):
+def test_resume_continues_bitwise(tmp_path, capsys):
     cfg = write_cfg(tmp_path)
     run = tmp_path / "run"
     assert main(["train", str(cfg), "--out", str(run)]) == 0
@@ -87,7 +87,8 @@ def test_resume_continues_bitwise(tmp_path):
     import shutil
 
     shutil.rmtree(run / "checkpoints" / "step_00000008")
-    assert main(["train", str(cfg), "--out", str(run), "--resume"]) == 0
+    assert main(["train", str(cfg), "--out", str(run), "--resume", "--set", "eval.batches=2"]) == 0
+    assert "resuming with changed settings: eval.batches 1 -> 2" in capsys.readouterr().err
     resumed = losses(run)
     assert sorted(resumed) == list(range(1, 9))  # steps 5-8 re-run, no duplicate lines
     assert resumed == straight  # bitwise: exact float equality of every step

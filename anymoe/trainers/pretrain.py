@@ -85,6 +85,16 @@ class TrainData:
         self.stream.load_state_dict(state)
 
 
+def _changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two plain config trees, 'path old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _changed_settings(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')} {old!r} -> {new!r}"]
+
+
 def loop_settings(cfg: RunConfig, resume: bool) -> LoopSettings:
     return LoopSettings(
         total_steps=cfg.train.steps, log_every=cfg.logging.every, checkpoint_every=cfg.checkpoint.every,
@@ -348,6 +358,11 @@ class PretrainTrainer(Trainer):
         return {"model.pt": model_state, "optim.pt": optim_state}
 
     def load_checkpoint(self, path: Path, restore_data: bool = True) -> None:
+        saved_cfg = self.ckpt.manifest(path).get("meta", {}).get("config")
+        if restore_data and saved_cfg is not None:
+            changed = _changed_settings(saved_cfg, to_dict(self.cfg))
+            if changed:
+                self.message("resuming with changed settings: " + "; ".join(changed[:8]))
         state = self.ckpt.load(path, "model.pt")
         if self.groups is not None and self.groups.ep.size > 1:
             from anymoe.core.parallel import local_state_dict

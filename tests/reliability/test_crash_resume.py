@@ -30,7 +30,7 @@ CFG = {
                       "balance": {"aux_loss": 0.01, "z_loss": 0.001}}},
     "data": {"format": "text", "path": "shipped:tiny_corpus.txt", "seq_len": 32, "eval_split": 0.02},
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-    "train": {"steps": 8, "micro_batch": 2, "global_batch": 4, "precision": "fp32"},
+    "train": {"steps": 8, "micro_batch": 2, "global_batch": 4, "precision": "fp32", "host_threads": 1},
     "logging": {"progress": False, "plots": False, "tensorboard": False},
     "checkpoint": {"every": 2, "keep_last": 3},
     "eval": {"batches": 1, "at_end": False},
@@ -41,6 +41,13 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTH
 
 def cmd(cfg, run, *args):
     return [sys.executable, "-m", "anymoe", "train", str(cfg), "--out", str(run), *args]
+
+
+def train_here(cfg, run, *args, expect=0, capsys=None):
+    """The same command in this process (no process start-up cost) when no kill is involved."""
+    from anymoe.cli import main
+
+    assert main(["train", str(cfg), "--out", str(run), *args]) == expect
 
 
 def train(cfg, run, *args, env=None, expect=0):
@@ -67,7 +74,7 @@ def cfg_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(cfg_path, tmp_path_factory):
     run = tmp_path_factory.mktemp("ref") / "run"
-    train(cfg_path, run)
+    train_here(cfg_path, run)
     return curve(run)
 
 
@@ -120,9 +127,9 @@ def test_sigkill_during_checkpoint_write_keeps_previous(cfg_path, reference, tmp
     assert not (ckpts / ".tmp-step_00000006").exists()
 
 
-def test_corrupt_and_truncated_checkpoints_fall_back(cfg_path, reference, tmp_path):
+def test_corrupt_and_truncated_checkpoints_fall_back(cfg_path, reference, tmp_path, capsys):
     run = tmp_path / "run"
-    train(cfg_path, run)
+    train_here(cfg_path, run)
     ckpts = run / "checkpoints"
     assert [p.name for p in CheckpointManager(ckpts).finished()] == [
         "step_00000004", "step_00000006", "step_00000008"]
@@ -132,10 +139,12 @@ def test_corrupt_and_truncated_checkpoints_fall_back(cfg_path, reference, tmp_pa
     newest.write_bytes(bytes(data))
     optim = ckpts / "step_00000006" / "optim.pt"
     optim.write_bytes(optim.read_bytes()[:100])  # truncated
-    out = train(cfg_path, run, "--resume")
-    assert "step_00000008 is not usable" in out.stderr and "corrupted" in out.stderr
-    assert "step_00000006 is not usable" in out.stderr and "truncated" in out.stderr
-    assert "step_00000004 (step 4)" in out.stderr
+    capsys.readouterr()
+    train_here(cfg_path, run, "--resume")
+    err = capsys.readouterr().err
+    assert "step_00000008 is not usable" in err and "corrupted" in err
+    assert "step_00000006 is not usable" in err and "truncated" in err
+    assert "step_00000004 (step 4)" in err
     assert curve(run) == reference
 
 

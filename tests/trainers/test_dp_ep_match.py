@@ -21,7 +21,7 @@ CFG = {
                       "balance": {"aux_loss": 0.01, "z_loss": 0.001}}},
     "data": {"format": "text", "path": "shipped:tiny_corpus.txt", "seq_len": 32, "eval_split": 0.02},
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-    "train": {"steps": 4, "micro_batch": 2, "global_batch": 8, "precision": "fp32"},
+    "train": {"steps": 4, "micro_batch": 2, "global_batch": 8, "precision": "fp32", "host_threads": 1},
     "logging": {"progress": False, "plots": False, "tensorboard": False},
     "checkpoint": {"every": 2},
     "eval": {"batches": 1},
@@ -29,14 +29,20 @@ CFG = {
 
 
 def train(tmp_path, name, *args):
+    """--nproc runs start real processes under torchrun; one-process runs stay in this process."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
     run = tmp_path / name
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "anymoe", "train", str(cfg), "--out", str(run), *args],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "--nproc" in args:
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "anymoe", "train", str(cfg), "--out", str(run), *args],
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        from anymoe.cli import main
+
+        assert main(["train", str(cfg), "--out", str(run), *args]) == 0
     rows = read_metrics(run)
     return {r["step"]: r for r in rows if "loss" in r}, rows[-1]
 
