@@ -115,8 +115,8 @@ def test_bad_combinations_name_the_field():
 
 
 def test_cli_lora_finetune_from_a_run_exports_merged_and_distills(tmp_path):
-    """anymoe train: pretrain 2 steps -> LoRA fine-tune from that run (export_hf merged) ->
-    distil a smaller student from it; the trainer wiring end to end."""
+    """anymoe train: pretrain 2 steps -> LoRA fine-tune from that run (export_hf merged), grow its
+    experts 4 -> 8 with the router frozen, distil a smaller student from it: the trainer wiring."""
     import os
     import subprocess
     import sys
@@ -164,6 +164,11 @@ def test_cli_lora_finetune_from_a_run_exports_merged_and_distills(tmp_path):
     ids = torch.randint(0, 259, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids), adapted(ids), rtol=1e-6, atol=1e-6)
+    grown = train("grown", finetune={"init_from": str(pre), "expand_experts_to": 8, "mode": "freeze_router"})
+    grown_state = torch.load(grown / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
+    assert grown_state["blocks.0.ffn.experts.w1"].shape[0] == 8
+    torch.testing.assert_close(grown_state["blocks.0.ffn.router.weight"][:4],
+                               pre_state["blocks.0.ffn.router.weight"], rtol=0, atol=0)  # router frozen
     student = train("student", distill={"teacher": str(pre), "temperature": 2.0, "alpha": 0.5},
                     model={**base["model"], "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}})
     rows = [r for r in read_metrics(student) if "loss" in r]
