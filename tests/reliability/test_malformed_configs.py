@@ -93,6 +93,11 @@ CASES = [
      "did you mean 'lr'"),
     ("cli-steps-zero", yaml.safe_dump(BASE), ["--steps", "0"], "train.steps", ">= 1"),
     ("config-file-missing", None, [], "", "does not exist"),
+    ("backend-not-here", yaml.safe_dump(BASE), ["--backend", "npu"],
+     "backend", "is not usable here"),
+    ("sizing-unknown", yaml.safe_dump(BASE), ["--sizing", "pow3"], "--sizing",
+     "identity, pow2, multiple_of:N"),
+    ("nproc-zero", yaml.safe_dump(BASE), ["--nproc", "0"], "--nproc", ">= 1"),
 ]
 
 
