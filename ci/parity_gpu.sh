@@ -8,6 +8,9 @@
 #   with 2+ GPUs: EP=1 vs EP=2 under NCCL (torchrun, 2 processes), fp32 and bf16.
 #
 #   OUT=/some/dir bash ci/parity_gpu.sh            (OUT defaults to parity_gpu_out/)
+#   PARITY_BACKEND=npu PARITY_NDEV=2 bash ci/parity_gpu.sh   (another accelerator backend; the
+#   device count is then given, as this script counts CUDA devices only); PARITY_STEPS=N for
+#   a quick try (the comparisons with the committed 200-step references need 200).
 #
 # Writes to $OUT: every curve (<name>.jsonl), its log, per pair a table (.txt), JSON and
 # plot (.png), and summary.txt (one line per pair). Takes a few minutes (the CPU runs are
@@ -27,10 +30,12 @@ SUMMARY="$OUT/summary.txt"
 status=0
 
 python -m anymoe env | tee "$OUT/env.txt" || true
-NGPU=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-echo "GPUs: $NGPU" | tee -a "$SUMMARY"
+DEV="${PARITY_BACKEND:-cuda}"  # the backend under test; its curves are named $NAME_*
+NAME="${PARITY_NAME:-$DEV}"
+NGPU="${PARITY_NDEV:-$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")}"
+echo "backend $DEV, devices: $NGPU, steps: $STEPS" | tee -a "$SUMMARY"
 if [ "$NGPU" -lt 1 ]; then
-  echo "no CUDA device here: nothing to compare" | tee -a "$SUMMARY"
+  echo "no $DEV device here: nothing to compare" | tee -a "$SUMMARY"
   exit 2
 fi
 
@@ -62,31 +67,31 @@ pair() {  # pair NAME RTOL GATE CURVES...: compare table/JSON/plot; GATE=gate ma
   if [ "$gate" = gate ] && [ $rc -ne 0 ] && [ $status -eq 0 ]; then status=1; fi
 }
 
-# Single device: CPU and CUDA, fp32 and bf16.
+# One device: CPU and the backend under test, fp32 and bf16.
 run cpu_fp32 1 --backend cpu
 run cpu_bf16 1 --backend cpu --precision bf16
-run cuda_fp32 4 --backend cuda
-run cuda_bf16 4 --backend cuda --precision bf16
-run cuda_fp32_resume 4 --backend cuda --resume-at $((STEPS / 2))
-run cuda_fp32_pow2 4 --backend cuda --sizing pow2
+run ${NAME}_fp32 4 --backend "$DEV"
+run ${NAME}_bf16 4 --backend "$DEV" --precision bf16
+run ${NAME}_fp32_resume 4 --backend "$DEV" --resume-at $((STEPS / 2))
+run ${NAME}_fp32_pow2 4 --backend "$DEV" --sizing pow2
 if [ "$NGPU" -ge 2 ]; then
-  run cuda_fp32_ep2 4 --backend cuda --ep 2
-  run cuda_bf16_ep2 4 --backend cuda --ep 2 --precision bf16
+  run ${NAME}_fp32_ep2 4 --backend "$DEV" --ep 2
+  run ${NAME}_bf16_ep2 4 --backend "$DEV" --ep 2 --precision bf16
 fi
 
-pair cpu_vs_cuda_fp32 1e-3 gate "$OUT/cpu_fp32.jsonl" "$OUT/cuda_fp32.jsonl"
+pair cpu_vs_${NAME}_fp32 1e-3 gate "$OUT/cpu_fp32.jsonl" "$OUT/${NAME}_fp32.jsonl"
 if [ "$STEPS" = 200 ]; then  # the committed reference has 200 steps
-  pair ref_vs_cuda_fp32 1e-3 gate "$REF/cpu_fp32.jsonl" "$OUT/cuda_fp32.jsonl"
+  pair ref_vs_${NAME}_fp32 1e-3 gate "$REF/cpu_fp32.jsonl" "$OUT/${NAME}_fp32.jsonl"
   pair ref_vs_this_cpu_fp32 1e-5 info "$REF/cpu_fp32.jsonl" "$OUT/cpu_fp32.jsonl"
-  pair ref_vs_cuda_bf16 5e-2 info "$REF/cpu_bf16.jsonl" "$OUT/cuda_bf16.jsonl"
+  pair ref_vs_${NAME}_bf16 5e-2 info "$REF/cpu_bf16.jsonl" "$OUT/${NAME}_bf16.jsonl"
 fi
-pair cpu_vs_cuda_bf16 5e-2 info "$OUT/cpu_bf16.jsonl" "$OUT/cuda_bf16.jsonl"
-pair cuda_fp32_vs_bf16 5e-2 info "$OUT/cuda_fp32.jsonl" "$OUT/cuda_bf16.jsonl"
-pair cuda_straight_vs_resume 1e-5 info "$OUT/cuda_fp32.jsonl" "$OUT/cuda_fp32_resume.jsonl"
-pair cuda_default_vs_pow2 1e-5 info "$OUT/cuda_fp32.jsonl" "$OUT/cuda_fp32_pow2.jsonl"
+pair cpu_vs_${NAME}_bf16 5e-2 info "$OUT/cpu_bf16.jsonl" "$OUT/${NAME}_bf16.jsonl"
+pair ${NAME}_fp32_vs_bf16 5e-2 info "$OUT/${NAME}_fp32.jsonl" "$OUT/${NAME}_bf16.jsonl"
+pair ${NAME}_straight_vs_resume 1e-5 info "$OUT/${NAME}_fp32.jsonl" "$OUT/${NAME}_fp32_resume.jsonl"
+pair ${NAME}_default_vs_pow2 1e-5 info "$OUT/${NAME}_fp32.jsonl" "$OUT/${NAME}_fp32_pow2.jsonl"
 if [ "$NGPU" -ge 2 ]; then
-  pair cuda_fp32_ep1_vs_ep2 1e-4 gate "$OUT/cuda_fp32.jsonl" "$OUT/cuda_fp32_ep2.jsonl"
-  pair cuda_bf16_ep1_vs_ep2 5e-2 info "$OUT/cuda_bf16.jsonl" "$OUT/cuda_bf16_ep2.jsonl"
+  pair ${NAME}_fp32_ep1_vs_ep2 1e-4 gate "$OUT/${NAME}_fp32.jsonl" "$OUT/${NAME}_fp32_ep2.jsonl"
+  pair ${NAME}_bf16_ep1_vs_ep2 5e-2 info "$OUT/${NAME}_bf16.jsonl" "$OUT/${NAME}_bf16_ep2.jsonl"
 fi
 echo "exit status: $status" | tee -a "$SUMMARY"
 exit $status

@@ -224,6 +224,33 @@ def write_curve_atomic(path: Path, meta: dict[str, Any], rows: list[dict[str, An
 
 
 # ---------------------------------------------------------------------------------------- the run
+def _prepare(args: argparse.Namespace, cfg, world_size: int, run_dir: Path | None):
+    """Every check that can fail on bad input, before any work: (backend, None) or (None, why)."""
+    from anymoe.core.backend import BackendUnavailable, get_backend
+    from anymoe.core.sizing import parse_policy
+    from anymoe.trainers.checkpoint import CheckpointManager
+    from anymoe.trainers.cli_train import preflight
+
+    try:
+        preflight(cfg, world_size)
+    except ConfigError as err:
+        return None, f"config error: {err}"
+    try:
+        sizing = parse_policy(args.sizing) if args.sizing else None
+    except ValueError as err:
+        return None, f"--sizing: {err}"
+    try:
+        backend = get_backend(cfg.backend, sizing=sizing)
+    except BackendUnavailable as err:
+        return None, f"backend: {err}"
+    out_dir = Path(args.out).resolve().parent
+    if out_dir.exists() and not os.access(out_dir, os.W_OK):
+        return None, f"--out: cannot write to {out_dir}"
+    if run_dir is not None and CheckpointManager(run_dir / "checkpoints").finished():
+        return None, f"--run-dir {run_dir} already holds checkpoints; give an empty or new folder"
+    return backend, None
+
+
 def parity_run(args: argparse.Namespace) -> int:
     from anymoe.trainers.distributed import env_from_launcher, relaunch
 
@@ -236,25 +263,26 @@ def parity_run(args: argparse.Namespace) -> int:
         return _fail(problem)
     nproc = args.nproc if args.nproc is not None else args.ep
     env = env_from_launcher()
-    own_dir = getattr(args, "run_dir", None) is None
-    run_dir = Path(tempfile.mkdtemp(prefix="anymoe-parity-")) if own_dir else Path(args.run_dir)
+    given = Path(args.run_dir) if getattr(args, "run_dir", None) else None
+    if env.world_size == 1:  # under torchrun each worker checks in _run_here
+        _, problem = _prepare(args, cfg, nproc, given)
+        if problem:
+            return _fail(problem)
+    run_dir = given or Path(tempfile.mkdtemp(prefix="anymoe-parity-"))
     try:
         if nproc > 1 and env.world_size == 1:
             code = relaunch(nproc, _worker_argv(args, run_dir))
         else:
             code = _run_here(args, cfg, items, run_dir)
     finally:
-        if own_dir:
+        if given is None:
             shutil.rmtree(run_dir, ignore_errors=True)
     return code
 
 
 def _run_here(args: argparse.Namespace, cfg, items: list[str], run_dir: Path) -> int:
-    from anymoe.core.backend import BackendUnavailable, get_backend
     from anymoe.core.parallel import build_parallel_groups
-    from anymoe.core.sizing import parse_policy
-    from anymoe.trainers.checkpoint import CheckpointError, CheckpointManager
-    from anymoe.trainers.cli_train import preflight
+    from anymoe.trainers.checkpoint import CheckpointError
     from anymoe.trainers.distributed import env_from_launcher, init_distributed, shutdown
     from anymoe.trainers.loop import TrainingStopped
     from anymoe.trainers.pretrain import PretrainTrainer
@@ -262,19 +290,10 @@ def _run_here(args: argparse.Namespace, cfg, items: list[str], run_dir: Path) ->
     env = env_from_launcher()
     if args.nproc is not None and env.world_size != args.nproc:
         return _fail(f"started with WORLD_SIZE={env.world_size} but --nproc asks for {args.nproc} processes")
-    try:
-        preflight(cfg, env.world_size)
-        sizing = parse_policy(args.sizing) if args.sizing else None
-    except ConfigError as err:
-        return _fail(f"config error: {err}")
-    except ValueError as err:
-        return _fail(f"--sizing: {err}")
-    try:
-        backend = get_backend(cfg.backend, sizing=sizing)
-    except BackendUnavailable as err:
-        return _fail(f"backend: {err}")
-    if env.is_main and CheckpointManager(run_dir / "checkpoints").finished():
-        return _fail(f"--run-dir {run_dir} already holds checkpoints; give an empty or new folder")
+    # Every rank makes the same checks (an early exit of one rank alone would hang the others).
+    backend, problem = _prepare(args, cfg, env.world_size, run_dir)
+    if problem:
+        return _fail(problem)
     if cfg.model.moe is not None and cfg.model.moe.router.kind == "noisy_topk" and env.is_main:
         print("anymoe parity run: warning: noisy_topk draws router noise from the device's random "
               "stream; curves of different backends will not agree", file=sys.stderr)
