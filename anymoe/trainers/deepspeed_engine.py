@@ -28,7 +28,7 @@ AutoEP layers ("Native DeepSpeed MoE is not supported with ZeRO Stage 3", engine
 anymoe's data parallelism spans the world and its EP groups would have to nest with TP groups.
 
 The accelerator DeepSpeed uses is the backend's: ``DS_ACCELERATOR`` is set to the backend's
-name (DeepSpeed's accelerator names are the same: cpu, cuda, npu) before DeepSpeed loads.
+name before DeepSpeed loads (DeepSpeed names its accelerators as anymoe names its backends).
 """
 
 from __future__ import annotations
@@ -155,16 +155,17 @@ def _real_pg(group, world_size: int):
     return ones[dist.get_rank()]
 
 
-_SINGLETONS: dict[int, dict[int, Any]] = {}
+_SINGLETONS: dict[tuple[int, int], dict[int, Any]] = {}
 
 
 def _singletons(world_size: int) -> dict[int, Any]:
-    if world_size not in _SINGLETONS:
+    key = (id(dist.group.WORLD), world_size)  # a new default group (another run) needs new ones
+    if key not in _SINGLETONS:
         made = {}
         for r in range(world_size):  # creating a group is collective: every rank creates all of them
             made[r] = dist.new_group([r])
-        _SINGLETONS[world_size] = made
-    return _SINGLETONS[world_size]
+        _SINGLETONS[key] = made
+    return _SINGLETONS[key]
 
 
 def register_expert_groups(groups) -> str:
