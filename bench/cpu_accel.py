@@ -8,7 +8,8 @@ For the tiny preset (configs/tiny.yaml's batch: 8 x 128) and a 2-layer cut of th
 where "compiled" is regional torch.compile (each decoder block, inductor's C++ backend; the
 MoE token counts change every step, so ``dynamic=True`` spares a recompile per step). The
 first compiled steps (compilation) are timed separately; step times are the median of the
-repeats after the warm-up. Writes bench/results/cpu_accel.json with the CPU flags, threads and
+repeats after the warm-up; ``break_even_steps`` is how long a run must be before compilation
+pays for itself. Writes bench/results/cpu_accel.json with the CPU flags, threads and
 load average beside the numbers (the machine may be shared), and the verdict the CPU backend
 follows (anymoe/backends/cpu.py: autocast_dtype, compile).
 
@@ -76,6 +77,29 @@ def measure(name: str, compiled: bool, dtype, repeats: int, warmup: int) -> dict
             "min_step_s": round(min(times), 4)}
 
 
+def break_even_steps(row: dict, variant: str) -> float | None:
+    """Steps after which ``variant`` (compilation included) beats eager fp32; None: never."""
+    eager, other = row["eager_fp32"], row[variant]
+    if "median_step_s" not in other:
+        return None
+    saved = eager["median_step_s"] - other["median_step_s"]
+    extra = sum(other["warmup_s"]) - sum(eager["warmup_s"])
+    return round(max(extra, 0.0) / saved, 1) if saved > 0 else None
+
+
+def verdict(results: list[dict], typical_steps: int = 1000) -> dict:
+    """What the CPU backend should do: the fastest variant per step, and whether compilation
+    pays back within a typical CPU run (``typical_steps``; configs/tiny.yaml runs 200)."""
+    fastest = {r["model"]: max(r["speedup_vs_eager_fp32"], key=r["speedup_vs_eager_fp32"].get)
+               for r in results}
+    pays = {r["model"]: (be := break_even_steps(r, "compiled_fp32")) is not None and be <= typical_steps
+            for r in results}
+    return {"fastest_per_step": fastest, "compile_pays_back_within_steps": typical_steps,
+            "compile_pays_back": pays,
+            "autocast": "bf16" if all("bf16" in v for v in fastest.values()) else "fp32",
+            "compile": all(pays.values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
@@ -97,15 +121,13 @@ def main() -> None:
         base = row["eager_fp32"]["median_step_s"]
         row["speedup_vs_eager_fp32"] = {v: round(base / row[v]["median_step_s"], 3)
                                         for v in variants if "median_step_s" in row[v]}
+        row["break_even_steps"] = {v: break_even_steps(row, v) for v in variants if v != "eager_fp32"}
         results.append(row)
-    best = {r["model"]: max(r["speedup_vs_eager_fp32"], key=r["speedup_vs_eager_fp32"].get) for r in results}
     flags = cpu_flags()
     out = {
         "what": "one training step (forward, backward, AdamW) on the CPU; median after warm-up",
         "results": results,
-        "fastest": best,
-        "verdict": {"autocast": "bf16" if all("bf16" in v for v in best.values()) else "fp32",
-                    "compile": all(v.startswith("compiled") for v in best.values())},
+        "verdict": verdict(results),
         "cpu_has_amx_bf16": "amx_bf16" in flags, "cpu_has_avx512_bf16": "avx512_bf16" in flags,
         "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
