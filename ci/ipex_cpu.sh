@@ -4,12 +4,15 @@
 # builds its own venv with torch 2.8 (CPU wheel) + IPEX 2.8 and runs the CPU conformance
 # suite there. Not part of the default CI (a second torch is a large download).
 #   bash ci/ipex_cpu.sh [VENV_DIR]
+# Cost: a second torch (the ~200 MB CPU wheel) and IPEX (~100 MB) downloaded and installed into
+# the venv, then the CPU conformance tests. TORCH_INDEX overrides the torch wheel index (a mirror,
+# for machines that cannot reach download.pytorch.org).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-/tmp/anymoe-ipex-venv}"
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q "torch==2.8.*" --index-url https://download.pytorch.org/whl/cpu
+"$VENV/bin/pip" install -q "torch==2.8.*" --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 "$VENV/bin/pip" install -q "intel-extension-for-pytorch==2.8.*" pyyaml numpy pytest pytest-timeout
 export PYTHONPATH="$PWD" TORCH_DEVICE_BACKEND_AUTOLOAD=0
 "$VENV/bin/python" -m anymoe env
