@@ -84,6 +84,9 @@ class CUDABackend(Backend):
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank)
 
+    def bind(self, local_rank: int) -> None:
+        torch.cuda.set_device(local_rank)
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)  # also seeds every CUDA device's generator
         torch.cuda.manual_seed_all(seed)

@@ -190,6 +190,9 @@ class NPUBackend(Backend):
         self._npu()
         return torch.device("npu", local_rank)
 
+    def bind(self, local_rank: int) -> None:
+        self._npu().npu.set_device(local_rank)
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         self._npu().npu.manual_seed_all(seed)

@@ -59,6 +59,10 @@ class Backend(ABC):
     def sizing_policy(self) -> ExpertSizingPolicy:
         return self._sizing or self.default_sizing()
 
+    def bind(self, local_rank: int) -> None:
+        """Make ``device(local_rank)`` this process's current device (before collectives run:
+        an NCCL/HCCL group bound to one device refuses tensors staged on another)."""
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
 

@@ -65,6 +65,7 @@ def env_from_launcher() -> DistEnv:
 def init_distributed(backend, timeout_s: float = 300.0) -> DistEnv:
     """Join the process group of this job with the backend's collective library."""
     env = env_from_launcher()
+    backend.bind(env.local_rank)
     if env.world_size > 1 and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: start with torchrun or "
