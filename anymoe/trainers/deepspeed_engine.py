@@ -281,7 +281,10 @@ def build_engine(model: nn.Module, groups, ds: DeepSpeedConfig, optim_cfg, backe
     if moe is not None:
         name = register_expert_groups(groups)
         mark_expert_parameters(model, name)
-        marker = _marker_class()(moe.num_experts, groups.ep.size, name)
+        if any(getattr(p, "allreduce", True) is False and p.requires_grad for p in model.parameters()):
+            # Only with trainable experts: DeepSpeed's MoE path insists on at least one moe group
+            # (fine-tuning with frozen experts leaves none; the rest is plain data parallel).
+            marker = _marker_class()(moe.num_experts, groups.ep.size, name)
     wrapped = EngineModel(model, marker)
     params = optimizer_groups(model, optim_cfg.weight_decay)
     optimizer = torch.optim.AdamW(params, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),

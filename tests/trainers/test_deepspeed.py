@@ -2,7 +2,8 @@
 ZeRO-3 refused for MoE, expert parameters in DeepSpeed's moe optimizer groups. Slow (real
 torchrun processes, DeepSpeed on the CPU with gloo): ZeRO-2 with EP=2 gives the native loop's
 loss and grad-norm curve (fp32, rel 1e-6), resumes from its own checkpoint on the same curve,
-ZeRO-1 with DP=2 too, and a bf16 run trains."""
+ZeRO-1 with DP=2 too, a bf16 run trains, and fine-tuning with frozen MoE layers (no moe
+optimizer group) matches the native loop."""
 
 import json
 import os
@@ -138,7 +139,7 @@ def test_zero2_ep2_matches_native_loop_and_resumes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.timeout(1500)
-def test_zero1_dp2_matches_and_bf16_trains(tmp_path):
+def test_zero1_dp2_matches_bf16_trains_and_frozen_experts_match(tmp_path):
     native = _train(tmp_path, "native")
     zero1 = _train(tmp_path, "zero1_dp2", "--nproc", "2",
                    overrides=["engine=deepspeed", "deepspeed.zero_stage=1"])
@@ -148,3 +149,7 @@ def test_zero1_dp2_matches_and_bf16_trains(tmp_path):
     assert all(v == v for v in losses) and losses[-1] < losses[0]
     # bf16 weights with fp32 master copies: the curve stays near the fp32 one.
     assert bf16[4]["loss"] == pytest.approx(native[4]["loss"], rel=2e-2)
+    # Fine-tuning with every MoE layer frozen: no moe optimizer group (plain ZeRO), same curve.
+    frozen = ["finetune.mode=non_moe_only"]
+    _same_curve(_train(tmp_path, "ft_native", overrides=frozen),
+                _train(tmp_path, "ft_ds", overrides=["engine=deepspeed", *frozen]))

@@ -43,7 +43,10 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.multiproc
-def test_two_torchrun_agents_equal_the_single_process_run(tmp_path):
+@pytest.mark.parametrize("ep", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_two_torchrun_agents_equal_the_single_process_run(tmp_path, ep):
+    """ep 2: experts split inside a node, replicas across nodes (dp 2 x ep 2); ep 4: the EP group
+    spans both nodes (the auto dispatcher picks hierarchical: intra-node, then inter-node)."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
     cmd = [sys.executable, "-m", "anymoe", "train", str(cfg), "--out", str(tmp_path / "one")]
@@ -56,7 +59,7 @@ def test_two_torchrun_agents_equal_the_single_process_run(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
                "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                "--rdzv-id", "anymoe-test", "-m", "anymoe", "train", str(cfg), "--out", str(tmp_path / "two"),
-               "--set", "parallel.ep=2"]
+               "--set", f"parallel.ep={ep}"]
         agents.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True))
     outputs = []
@@ -75,4 +78,4 @@ def test_two_torchrun_agents_equal_the_single_process_run(tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
     log = "".join(outputs)
-    assert "4 process(es) (dp 2 x ep 2)" in log
+    assert f"4 process(es) (dp {4 // ep} x ep {ep})" in log
