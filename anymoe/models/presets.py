@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "moe-1b": {
         "vocab_size": 32000, "d_model": 1024, "n_layers": 12, "n_heads": 16, "n_kv_heads": 4, "head_dim": 64,
         "tie_embeddings": False, "max_seq_len": 4096,
-        "moe": {"num_experts": 64, "top_k": 8, "expert_hidden": 512,
+        "moe": {"num_experts": 64, "top_k": 8, "expert_hidden": 512, "fused_w13": True,
                 "router": {"kind": "topk", "score": "softmax", "normalize_topk": True},
                 "balance": {"aux_loss": 0.01, "z_loss": 0.001}},
     },
