@@ -61,7 +61,7 @@ class Backend(ABC):
 
     def bind(self, local_rank: int) -> None:
         """Make ``device(local_rank)`` this process's current device (before collectives run:
-        an NCCL/HCCL group bound to one device refuses tensors staged on another)."""
+        an accelerator process group bound to one device refuses tensors staged on another)."""
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
