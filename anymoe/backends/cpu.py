@@ -108,13 +108,16 @@ class CPUBackend(Backend):
         return None  # measured: bf16 autocast is slower here (module docstring, cpu_accel.json)
 
     def optimize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        """``ipex.optimize`` when IPEX is usable here, else both returned unchanged."""
+        """``ipex.optimize`` when IPEX is usable here, else both returned unchanged.
+
+        In place: trainers hand the model to other holders (rollout actor, distiller) before this,
+        and a copy would leave them on the unoptimised one."""
         ipex, _ = load_ipex()
         if ipex is None:
             return model, optimizer
         if optimizer is None:
-            return ipex.optimize(model), None
-        return ipex.optimize(model, optimizer=optimizer)
+            return ipex.optimize(model, inplace=True), None
+        return ipex.optimize(model, optimizer=optimizer, inplace=True)
 
     def extensions(self) -> dict[str, str]:
         _, status = load_ipex()

@@ -116,4 +116,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, backend) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
 
 
-__all__ = ["LRSchedule", "OptimConfig", "build_optimizer", "fused_supported"]
+def build_optimized(model: nn.Module, cfg: OptimConfig, backend) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``build_optimizer``, then the backend's vendor optimiser (``Backend.optimize``: IPEX on the
+    CPU where usable, unchanged elsewhere). Train the returned model and optimizer, not the inputs."""
+    return backend.optimize(model, build_optimizer(model, cfg, backend))
+
+
+__all__ = ["LRSchedule", "OptimConfig", "build_optimized", "build_optimizer", "fused_supported"]

@@ -35,7 +35,7 @@ from anymoe.trainers.config import RunConfig
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import LoopSettings, StepOutput, Trainer
 from anymoe.trainers.metrics import load_stats, router_entropy
-from anymoe.trainers.optim import LRSchedule, build_optimizer
+from anymoe.trainers.optim import LRSchedule, build_optimized
 
 IGNORE = -100
 
@@ -158,7 +158,7 @@ class PretrainTrainer(Trainer):
             attach_groups(self.model, self.groups)
         self.finetune_summary = self._apply_finetune()  # before the optimizer: it takes what still trains
         self.distiller = self._build_distiller()
-        self.optimizer = build_optimizer(self.model, cfg.optim, backend)
+        self.model, self.optimizer = build_optimized(self.model, cfg.optim, backend)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         backend.manual_seed(cfg.train.seed + 1 + self.dist.rank)  # dropout streams, distinct per rank
         self.tokens_per_step = cfg.train.micro_batch * self.accum * self.dp_size * cfg.data.seq_len

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from anymoe.trainers.loop import StepOutput
-from anymoe.trainers.optim import LRSchedule, build_optimizer
+from anymoe.trainers.optim import LRSchedule, build_optimized
 from anymoe.trainers.rlhf.base import RLHFTrainer
 from anymoe.trainers.rlhf.losses import dpo_loss, token_logprobs
 from anymoe.trainers.rlhf.model_io import ForwardOut, forward_rl
@@ -47,7 +47,7 @@ class DPOTrainer(RLHFTrainer):
         self.model = self.new_model()
         self.load_policy_weights(self.model)
         self.reference = Reference(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.backend)
+        self.model, self.optimizer = build_optimized(self.model, cfg.optim, self.backend)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         self.accum = cfg.train.accumulation(1)
         self.stream = self.bundle.train_stream(cfg.train.micro_batch * self.accum)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from anymoe.trainers.metrics import load_stats
-from anymoe.trainers.optim import LRSchedule, OptimConfig, build_optimizer
+from anymoe.trainers.optim import LRSchedule, OptimConfig, build_optimized
 from anymoe.trainers.rlhf.experience import Experience
 from anymoe.trainers.rlhf.losses import (
     aggregate,
@@ -51,13 +51,14 @@ class PolicyTrainer:
         self.critic: Critic | None = rollout.critic
         if self.cfg.moe.freeze_router:
             freeze_routers(self.actor.module)
-        self.optimizer = build_optimizer(self.actor.module, optim, backend)
+        # The actor object is shared with the rollout, so the optimised module reaches both.
+        self.actor.module, self.optimizer = build_optimized(self.actor.module, optim, backend)
         self.schedule = LRSchedule(optim, total_steps)
         self.critic_optimizer = None
         if self.critic is not None:
             c_optim = critic_optim or OptimConfig(lr=self.cfg.critic.lr, min_lr=0.0, schedule="constant",
                                                   warmup_steps=0)
-            self.critic_optimizer = build_optimizer(self.critic.module, c_optim, backend)
+            self.critic.module, self.critic_optimizer = build_optimized(self.critic.module, c_optim, backend)
         self.grad_clip = optim.grad_clip
         self.shuffle = torch.Generator().manual_seed(1234)
         self.step_count = 0

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from anymoe.trainers.loop import StepOutput
-from anymoe.trainers.optim import LRSchedule, build_optimizer
+from anymoe.trainers.optim import LRSchedule, build_optimized
 from anymoe.trainers.rlhf.base import RLHFTrainer, load_module_state
 from anymoe.trainers.rlhf.losses import bradley_terry_loss
 from anymoe.trainers.rlhf.roles import RewardModel, ScalarHeadModel
@@ -45,9 +45,9 @@ class RMTrainer(RLHFTrainer):
         cfg = self.cfg
         backbone = self.new_model()
         self.load_policy_weights(backbone)
-        self.model = ScalarHeadModel(backbone).to(self.device)
+        self.model, self.optimizer = build_optimized(ScalarHeadModel(backbone).to(self.device), cfg.optim,
+                                                     self.backend)
         self.rm = RewardModel(self.model, trainable=True)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.backend)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         self.accum = cfg.train.accumulation(1)
         self.stream = self.bundle.train_stream(cfg.train.micro_batch * self.accum)
