@@ -103,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_backend_option(parser: argparse.ArgumentParser) -> None:
-    """The `--backend NAME` option every command that runs work accepts."""
+def add_backend_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """The `--backend NAME` option every command that runs work accepts (``help``: what it selects there)."""
     parser.add_argument("--backend", metavar="NAME", default=None,
-                        help="auto (default: cuda, then npu, then cpu), cpu, cuda or npu")
+                        help=help or "auto (default: cuda, then npu, then cpu), cpu, cuda or npu")
 
 
 def backend_from_args(args: argparse.Namespace, configured: str = "auto", **kwargs: Any) -> Backend:

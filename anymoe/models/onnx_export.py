@@ -92,21 +92,23 @@ def verify_onnx(
     path: str | os.PathLike,
     shapes: Sequence[tuple[int, int]] = ((1, 5), (3, 17)),
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
-    """onnx.checker, then max |ONNX Runtime - PyTorch| of the logits for each input shape."""
+    """onnx.checker, then max |ONNX Runtime - PyTorch| of the logits for each input shape,
+    the PyTorch reference computed in fp32 on ``device``."""
     import onnx
     import onnxruntime as ort
 
     onnx.checker.check_model(onnx.load(str(path)))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ref = copy.deepcopy(model).float().cpu().eval()
+    ref = copy.deepcopy(model).float().to(device).eval()
     gen = torch.Generator().manual_seed(seed)
     diffs = []
     for shape in shapes:
         ids = torch.randint(0, model.cfg.vocab_size, shape, generator=gen)
         (got,) = session.run(["logits"], {"input_ids": ids.numpy()})
         with torch.no_grad():
-            want = ref(ids)
+            want = ref(ids.to(device)).cpu()
         diffs.append(float((torch.from_numpy(got) - want).abs().max()))
     return diffs
 

@@ -128,7 +128,21 @@ def test_cli_export_onnx(tmp_path, capsys):
     from anymoe.cli import main
 
     save_pretrained(_model("softmax_shared_gate"), tmp_path / "ck")
-    rc = main(["export", "onnx", str(tmp_path / "ck"), str(tmp_path / "out.onnx"), "--exporter", "legacy"])
+    rc = main(["export", "onnx", str(tmp_path / "ck"), str(tmp_path / "out.onnx"), "--exporter", "legacy",
+               "--backend", "cpu"])
     assert rc == 0, capsys.readouterr().err
-    assert "onnx.checker ok" in capsys.readouterr().out
+    assert "onnx.checker ok; ONNX Runtime vs PyTorch (cpu)" in capsys.readouterr().out
     assert (tmp_path / "out.onnx").is_file()
+
+
+@pytest.mark.gpu
+def test_verify_onnx_reference_on_the_accelerator(tmp_path):
+    """`anymoe export --backend cuda|npu`: the reference logits come from the device path."""
+    from anymoe.core.backend import get_backend
+
+    backend = get_backend("auto")
+    if backend.name == "cpu":
+        pytest.skip("no accelerator backend is usable here (run with -m gpu on a GPU machine)")
+    path = export_onnx(_model("softmax_shared_gate"), tmp_path / "m.onnx", exporter="legacy")
+    diffs = verify_onnx(_model("softmax_shared_gate", backend=backend), path, device=backend.device())
+    assert max(diffs) < 1e-4, diffs
