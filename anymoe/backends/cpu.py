@@ -21,7 +21,6 @@ major.minor (its wheels refuse any other torch, and its last release, 2.8, needs
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import resource
 import sys
@@ -30,6 +29,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from anymoe.backends.versions import installed_version, major_minor
 from anymoe.core.backend import Availability, Backend, register_backend
 from anymoe.core.grouped_mm import (
     grouped_mm_loop,
@@ -40,12 +40,6 @@ from anymoe.core.grouped_mm import (
 
 IPEX_MODULE = "intel_extension_for_pytorch"
 IPEX_DIST = "intel-extension-for-pytorch"
-
-
-def major_minor(version: str) -> tuple[int, ...]:
-    """'2.13.0+cpu' -> (2, 13)."""
-    parts = version.split("+")[0].split(".")[:2]
-    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
 
 
 def ipex_status(ipex_version: str | None, torch_version: str) -> Availability:
@@ -60,13 +54,6 @@ def ipex_status(ipex_version: str | None, torch_version: str) -> Availability:
             "matching torch)",
         )
     return Availability(True, f"{IPEX_DIST} {ipex_version}")
-
-
-def installed_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 @cache

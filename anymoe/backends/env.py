@@ -16,12 +16,12 @@ same `--backend NAME` check before they start any work.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 import sys
 from typing import Any
 
+from anymoe.backends.versions import installed_version
 from anymoe.core.backend import Backend, BackendUnavailable, backend_names, create_backend, get_backend
 
 PACKAGES = [
@@ -33,10 +33,7 @@ PACKAGES = [
 def package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+        versions[name] = installed_version(name)
     if versions["anymoe"] is None:  # run from a source tree (PYTHONPATH=.), not installed
         from anymoe import __version__
 

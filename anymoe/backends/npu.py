@@ -23,7 +23,6 @@ tested on the CPU.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 import re
@@ -34,6 +33,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from anymoe.backends.versions import installed_version, major_minor
 from anymoe.core.backend import Availability, Backend, BackendUnavailable, register_backend
 from anymoe.core.grouped_mm import check_grouped_mm_args, grouped_mm_loop, match_operand_dtypes
 from anymoe.core.sizing import POW2, ExpertSizingPolicy
@@ -43,11 +43,6 @@ NPU_DIST = "torch-npu"
 CANN_ENV = "source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 MAX_GROUPS = 128  # npu_grouped_matmul's documented limit on the number of groups (list length)
 _SHARED_LIB = re.compile(r"(lib[\w.+-]+\.so[\w.]*)")
-
-
-def major_minor(version: str) -> tuple[int, ...]:
-    parts = version.split("+")[0].split(".")[:2]
-    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
 
 
 def version_mismatch(npu_version: str, torch_version: str) -> str | None:
@@ -89,13 +84,6 @@ def no_device_reason(npu_version: str) -> str:
     return (
         f"torch_npu {npu_version} and CANN load, but no Ascend device is visible ({hint}check `npu-smi info`)"
     )
-
-
-def installed_version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 @cache
