@@ -162,15 +162,21 @@ def _expand_preset(model: Any) -> Any:
     return _merge(preset_data(name), rest)
 
 
-def config_from_data(data: dict[str, Any]):
-    """Validate plain data (a parsed YAML file) into a RunConfig."""
+def with_model_expanded(data: Any, what: str) -> dict[str, Any]:
+    """A copy of a parsed config file with its required ``model`` section's preset expanded
+    (shared by the run and the RLHF configs; ``what`` names the file kind in the error)."""
     if not isinstance(data, dict):
-        raise ConfigError("", f"a run config must be a mapping of sections, not {type(data).__name__}")
+        raise ConfigError("", f"{what} must be a mapping of sections, not {type(data).__name__}")
     data = dict(data)
     if "model" not in data:
         raise ConfigError("model", "is required: give a model section, e.g. `model: {preset: tiny}`")
     data["model"] = _expand_preset(data["model"])
-    return load_config(RunConfig, data)
+    return data
+
+
+def config_from_data(data: dict[str, Any]):
+    """Validate plain data (a parsed YAML file) into a RunConfig."""
+    return load_config(RunConfig, with_model_expanded(data, "a run config"))
 
 
 def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
@@ -182,4 +188,4 @@ def load_run_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 __all__ = ["CheckpointConfig", "EvalConfig", "LoggingConfig", "RunConfig", "TrainConfig", "config_from_data",
-           "load_run_config"]
+           "load_run_config", "with_model_expanded"]

@@ -20,7 +20,7 @@ from typing import Any
 from anymoe.core.config import ConfigError, apply_overrides, load_config, load_yaml, param
 from anymoe.core.moe import replace as moe_replace
 from anymoe.models.config import ModelConfig
-from anymoe.trainers.config import RunConfig, _expand_preset
+from anymoe.trainers.config import RunConfig, with_model_expanded
 from anymoe.trainers.rlhf.algo_config import AlgoSection
 
 ALGORITHMS = ("rm", "dpo", "ppo", "grpo")
@@ -83,13 +83,7 @@ def rl_model_config(model: ModelConfig, algo_cfg: AlgoSection) -> ModelConfig:
 
 
 def rlhf_config_from_data(data: dict[str, Any], algo: str | None = None) -> RLHFConfig:
-    if not isinstance(data, dict):
-        raise ConfigError("", f"an RLHF config must be a mapping of sections, not {type(data).__name__}")
-    data = dict(data)
-    if "model" not in data:
-        raise ConfigError("model", "is required: give a model section, e.g. `model: {preset: tiny}`")
-    data["model"] = _expand_preset(data["model"])
-    cfg = load_config(RLHFConfig, data)
+    cfg = load_config(RLHFConfig, with_model_expanded(data, "an RLHF config"))
     if algo is not None:
         cfg.check_for(algo)
     return cfg
