@@ -117,8 +117,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, backend) -> torch.optim.
 
 
 def build_optimized(model: nn.Module, cfg: OptimConfig, backend) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """``build_optimizer``, then the backend's vendor optimiser (``Backend.optimize``: IPEX on the
-    CPU where usable, unchanged elsewhere). Train the returned model and optimizer, not the inputs."""
+    """``build_optimizer``, then the backend's vendor optimiser (``Backend.optimize``; a no-op where
+    the backend has none). Train the returned model and optimizer, not the inputs."""
     return backend.optimize(model, build_optimizer(model, cfg, backend))
 
 
