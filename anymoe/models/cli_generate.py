@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="token id that ends a row (default: the tokenizer's eos)",
     )
-    parser.add_argument("--backend", default="cpu", help="auto | cpu | cuda | npu (default cpu)")
+    parser.add_argument("--backend", default="auto", help="auto | cpu | cuda | npu (default auto)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
