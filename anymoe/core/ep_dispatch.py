@@ -17,7 +17,8 @@ combine weights travel with the rows, so each expert rank returns one already-we
 per token, and the reverse hop sums partial rows. Forward of a hop is gather + all_to_all;
 its backward (autograd) is the reverse all_to_all + scatter-add, and vice versa.
 
-- ``alltoall`` (AllToAllDispatcher): one hop over the EP group.
+- ``alltoall`` (AllToAllDispatcher, anymoe.core.ep_alltoall): one hop over the EP group, with
+  every index built on the device and one host read of the split matrix per dispatch.
 - ``hierarchical`` (HierarchicalDispatcher, Pangu Ultra's hierarchical EP communication):
   the EP group spans several nodes of ``node_size`` ranks. Hop 1 crosses nodes over
   ``ep_inter`` (peers at my position in their nodes), sending each token once per
@@ -59,6 +60,7 @@ from anymoe.core.collectives import Group
 from anymoe.core.dispatch import LocalDispatcher, TokenDispatcher, sort_by_expert
 from anymoe.core.dispatch_fast import combine as fast_combine
 from anymoe.core.dispatch_fast import dispatch_ops_for
+from anymoe.core.ep_alltoall import A2AMeta, AllToAllDispatcher
 
 SideOut = TypeVar("SideOut")
 
@@ -220,15 +222,8 @@ class _ShardedExperts:
         return torch.where(ids_TK >= 0, torch.div(ids_TK, self.num_local_experts, rounding_mode="floor"), -1)
 
 
-class AllToAllDispatcher(_ShardedExperts):
-    """One deduplicated hop over the EP group; see the module docstring."""
-
-    def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor
-                 ) -> tuple[Tensor, Tensor, EPMeta]:
-        x_QD, ids_QK, w_QK, h = hop(x_TD, expert_ids_TK, weights_TK, self._rank_of(expert_ids_TK), self.ep)
-        x_ND, counts_E, local = local_permute(x_QD, ids_QK, w_QK, self.local_expert_offset,
-                                              self.num_local_experts)
-        return x_ND, counts_E, EPMeta((h,), local)
+class _HopDispatcher(_ShardedExperts):
+    """Combine for dispatchers built from generic hops (hierarchical): the hops in reverse."""
 
     def combine(self, y_ND: Tensor, meta: EPMeta) -> Tensor:
         y = local_combine(y_ND, meta.local)
@@ -250,7 +245,7 @@ class AllToAllDispatcher(_ShardedExperts):
         return y, side_out
 
 
-class HierarchicalDispatcher(AllToAllDispatcher):
+class HierarchicalDispatcher(_HopDispatcher):
     """Across nodes once per destination node (``inter``), then inside the node (``intra``)."""
 
     def __init__(self, num_experts: int, ep: Group, intra: Group, inter: Group) -> None:
@@ -365,7 +360,8 @@ def build_dispatcher(moe_cfg: Any, groups: Any, name: str | None = None) -> Toke
 
 
 __all__ = [
-    "DISPATCHERS", "AllGatherDispatcher", "AllToAllDispatcher", "EPMeta", "HierarchicalDispatcher", "HopMeta",
+    "DISPATCHERS", "A2AMeta", "AllGatherDispatcher", "AllToAllDispatcher", "EPMeta", "HierarchicalDispatcher",
+    "HopMeta",
     "build_dispatcher", "combine_with", "hop", "hop_back", "local_combine", "local_permute",
     "register_dispatcher", "resolve_dispatcher",
 ]

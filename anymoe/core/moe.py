@@ -21,8 +21,9 @@ Legend: B batch, S sequence, T tokens (B*S), D model dim, E experts, K top-k, C 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ from anymoe.core.balance import (
 from anymoe.core.config import ConfigError, param
 from anymoe.core.dispatch import TokenDispatcher, apply_capacity, capacity_per_expert
 from anymoe.core.dispatch_fast import FastLocalDispatcher
+from anymoe.core.ep_dispatch import combine_with
 from anymoe.core.experts import Experts, SharedExperts
 from anymoe.core.grouped_mm import GroupedMM
 from anymoe.core.router import Router, RouterConfig, Routing, build_router
@@ -147,6 +149,9 @@ class MoELayer(nn.Module):
         if cfg.shared_experts:
             hidden = cfg.shared_experts * (cfg.shared_hidden or cfg.expert_hidden)
             self.shared = SharedExperts(d_model, hidden, cfg.shared_gate, cfg.init_std)
+        # Shared experts computed while the return all-to-all is in flight (same numbers); a
+        # performance switch, set from ParallelConfig.overlap_shared by parallel.attach_groups.
+        self.overlap_shared = False
         self.dp_group: object | None = None
         self.ep_group: object | None = None
         self.bias_group: object | None = None
@@ -167,15 +172,20 @@ class MoELayer(nn.Module):
         B, S = (shape[0], shape[1]) if x_BSD.dim() == 3 else (1, shape[0])
         x_TD = x_BSD.reshape(-1, self.d_model)
         routing = self.route(x_TD, token_ids, replay_ids)
+        shared_TD = None
         if routing.token_idx_EC is not None:
             y_TD, aux = self._expert_choice(x_TD, routing)
+        elif self.overlap_shared and self.shared is not None:
+            # The shared experts run while the return all-to-all is in flight (combine_with).
+            (y_TD, shared_TD), aux = self._token_choice(x_TD, routing, (B, S), side=lambda: self.shared(x_TD))
         else:
             y_TD, aux = self._token_choice(x_TD, routing, (B, S))
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + (shared_TD if shared_TD is not None else self.shared(x_TD))
         return y_TD.view(shape), aux
 
-    def _token_choice(self, x_TD: Tensor, r: Routing, batch: tuple[int, int]) -> tuple[Tensor, MoEAux]:
+    def _token_choice(self, x_TD: Tensor, r: Routing, batch: tuple[int, int],
+                      side: Callable[[], Tensor] | None = None) -> tuple[Any, MoEAux]:
         cfg, E = self.cfg, self.cfg.num_experts
         ids_TK, weights_TK = r.expert_ids_TK, r.weights_TK
         routed_E = expert_counts(ids_TK, E)
@@ -188,7 +198,10 @@ class MoELayer(nn.Module):
                                                               cfg.drop_policy)
         x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, kept_ids_TK, weights_TK)
         y_ND = self.experts(x_ND, counts_E)
-        y_TD = self.dispatcher.combine(y_ND, meta)
+        if side is None:
+            y_TD = self.dispatcher.combine(y_ND, meta)
+        else:  # (combined rows, side()), the side computed during the return all-to-all
+            y_TD = combine_with(self.dispatcher, y_ND, meta, side)
         losses = balance_losses(cfg.balance, r.probs_TE, r.logits_TE, ids_TK, batch, self.dp_group,
                                 self.ep_group, self._num_ep_groups())
         kept_E = routed_E if cfg.capacity_factor is None else expert_counts(kept_ids_TK, E)

@@ -57,6 +57,8 @@ class ParallelConfig:
                                                   "(null: LOCAL_WORLD_SIZE from torchrun, else the world)")
     dispatcher: DispatcherName = param("auto", doc="token dispatcher: auto | local | alltoall | allgather | "
                                                    "hierarchical (auto: see anymoe.core.ep_dispatch)")
+    overlap_shared: bool = param(False, doc="MoE layers compute their shared experts while the return "
+                                            "all-to-all is in flight (same results; alltoall/hierarchical)")
 
     def validate(self) -> None:
         if isinstance(self.dp, int) and self.dp < 1:
@@ -316,6 +318,8 @@ def attach_groups(model: nn.Module, groups: ParallelGroups) -> None:
         setter = getattr(module, "set_process_groups", None)
         if callable(setter):
             setter(dp=groups.world.pg, ep=groups.ep.pg, bias=groups.world.pg)
+        if hasattr(module, "overlap_shared"):
+            module.overlap_shared = groups.config.overlap_shared
 
 
 __all__ = ["ParallelConfig", "ParallelGroups", "attach_groups", "build_parallel_groups", "expert_parameters",
