@@ -156,7 +156,7 @@ class AllToAllDispatcher:
         pad_P1 = tot_PEl.sum(1).view(1, P, 1)
         # Send order: destination, then token. pos_TP = offset of rank p + tokens before t sent to p.
         pos_TP = (rows_P.cumsum(0) - rows_P) + to_i.cumsum(0) - to_i
-        order = torch.full((T * P + 1,), T * P, dtype=torch.int64, device=dev)  # unsent -> dump slot
+        order = torch.zeros(T * P + 1, dtype=torch.int64, device=dev)  # unsent -> the dump slot T*P
         order.scatter_(0, torch.where(to_TP, pos_TP, T * P).reshape(-1), torch.arange(T * P, device=dev))
         src_row = torch.div(order, P, rounding_mode="floor")
         # Where a token is not sent to p, point at a row it was sent to (weight 0: adds nothing).
@@ -169,10 +169,9 @@ class AllToAllDispatcher:
             acc = torch.float64
         w_TPK = weights_TK.to(acc).unsqueeze(1) * here_TPK.to(acc)
         slot_TPK = torch.where(here_TPK, slot_TK.unsqueeze(1), pad_P1).to(acc)
-        msg = torch.cat([w_TPK, slot_TPK], dim=2).view(T * P, 2 * K)
-        msg = torch.cat([msg, msg.new_zeros(1, 2 * K)]).index_select(0, order)
+        msg = torch.cat([w_TPK, slot_TPK], dim=2).view(T * P, 2 * K).index_select(0, order)
         local_E = pairs_PE[:, me * El:(me + 1) * El].sum(0)
-        local_E = local_E + (torch.arange(El, device=dev) == El - 1).to(local_E.dtype)  # + the pad row
+        local_E[-1:] += 1  # the pad row
 
         # The only host read: every rank's pairs per expert and rows per destination.
         M = M_PX.tolist()
