@@ -111,6 +111,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         rows_sent = sum(hop0.send_splits) if hop0 is not None else None
         if name == "alltoall":
             send_splits = (hop0.send_splits, hop0.recv_splits)
+        syncs = _count_syncs(fwd, dev)
         fwd_ms = _time(lambda fwd=fwd: fwd(), args.iters, args.warmup, sync)
         xg = x.detach().clone().requires_grad_()
         wg = w.detach().clone().requires_grad_()
@@ -123,7 +124,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         fb_ms = _time(fwd_bwd, args.iters, args.warmup, sync)
         results[name] = {"dispatch_combine_ms": _slowest_median(fwd_ms, world_group),
                          "fwd_bwd_ms": _slowest_median(fb_ms, world_group), "max_rel_err": err,
-                         "rows_sent_incl_self": rows_sent}
+                         "rows_sent_incl_self": rows_sent, "host_syncs_dispatch_combine": syncs}
         del groups
     overlap = {}
     if args.shared_hidden:
@@ -199,6 +200,23 @@ def _measure_overlap(args, world, x, ids, w, backend, sync, world_group) -> dict
     res["saved_ms"] = res["serial_ms"] - res["overlapped_ms"]
     res["shared_hidden"] = H
     return res
+
+
+def _count_syncs(fn, dev: torch.device) -> int | None:
+    """Host syncs in one call of ``fn``, from torch's sync debug mode (CUDA only; None elsewhere)."""
+    if dev.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize(dev)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _device_name(dev: torch.device) -> str:
