@@ -20,8 +20,9 @@ synchronize), forward only and forward + backward.
     torchrun --standalone --nproc_per_node 2 bench/ep_dispatch.py --out ...
     python bench/ep_dispatch.py --nproc 2 --out /tmp/ep.json   # on the CPU: smoke sizes (--full: the issue's)
 
-The alltoall dispatcher is anymoe.core.ep_alltoall (one host read per dispatch); the
-hierarchical one still takes two generic hops (anymoe.core.ep_dispatch.hop).
+alltoall is the one-hop dispatcher of anymoe.core.ep_dispatch; alltoall_oneread
+(anymoe.core.ep_alltoall, one host read per dispatch) can be added with --dispatchers; the
+hierarchical one takes two generic hops (anymoe.core.ep_dispatch.hop).
 """
 
 from __future__ import annotations

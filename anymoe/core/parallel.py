@@ -45,7 +45,7 @@ from torch import nn
 from anymoe.core.collectives import Group, all_reduce_, single_group
 from anymoe.core.config import ConfigError, param
 
-DispatcherName = Literal["auto", "local", "alltoall", "allgather", "hierarchical"]
+DispatcherName = Literal["auto", "local", "alltoall", "alltoall_oneread", "allgather", "hierarchical"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ class ParallelConfig:
                                                   "auto: world / ep")
     node_size: int | None = param(None, ge=1, doc="ranks per node for hierarchical dispatch "
                                                   "(null: LOCAL_WORLD_SIZE from torchrun, else the world)")
-    dispatcher: DispatcherName = param("auto", doc="token dispatcher: auto | local | alltoall | allgather | "
-                                                   "hierarchical (auto: see anymoe.core.ep_dispatch)")
+    dispatcher: DispatcherName = param("auto", doc="token dispatcher: auto | local | alltoall | "
+                                                   "alltoall_oneread | allgather | hierarchical "
+                                                   "(auto: see anymoe.core.ep_dispatch)")
     overlap_shared: bool = param(False, doc="MoE layers compute their shared experts while the return "
                                             "all-to-all is in flight (same results; alltoall/hierarchical)")
 

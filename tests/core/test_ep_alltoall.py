@@ -69,7 +69,7 @@ class _HostReads:
 
 
 def _count_worker(rank: int, world: int) -> dict[str, object]:
-    groups = build_parallel_groups(ParallelConfig(ep=2, dispatcher="alltoall"), "cpu", num_experts=E)
+    groups = build_parallel_groups(ParallelConfig(ep=2, dispatcher="alltoall_oneread"), "cpu", num_experts=E)
     disp = build_dispatcher(MoEConfig(num_experts=E, top_k=K, expert_hidden=8), groups)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(T, D, generator=g, requires_grad=True)

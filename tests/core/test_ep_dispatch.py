@@ -20,6 +20,7 @@ from anymoe.core.ep_dispatch import (
     AllGatherDispatcher,
     AllToAllDispatcher,
     HierarchicalDispatcher,
+    OneReadAllToAllDispatcher,
     combine_with,
     local_combine,
     local_permute,
@@ -54,12 +55,15 @@ def _experts(x_ND: torch.Tensor, counts_E: torch.Tensor, W_EDF: torch.Tensor) ->
 def _make(kind: str, groups):
     if kind == "alltoall":
         return AllToAllDispatcher(E, groups.ep)
+    if kind == "alltoall_oneread":
+        return OneReadAllToAllDispatcher(E, groups.ep)
     if kind == "allgather":
         return AllGatherDispatcher(E, groups.ep)
     return HierarchicalDispatcher(E, groups.ep, groups.ep_intra, groups.ep_inter)
 
 
-CASES = {2: [("alltoall", 2, None), ("allgather", 2, None), ("hierarchical", 2, 1)],
+CASES = {2: [("alltoall", 2, None), ("alltoall_oneread", 2, None), ("allgather", 2, None),
+             ("hierarchical", 2, 1)],
          4: [("alltoall", 4, None), ("allgather", 4, None), ("hierarchical", 4, 2), ("hierarchical", 4, 1),
              ("alltoall", 2, None)]}
 
