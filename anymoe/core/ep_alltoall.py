@@ -115,8 +115,11 @@ class A2AMeta:
     w_Q1K: Tensor  # [Q+1, K] received combine weights, 0 where the expert is elsewhere (last row: all 0)
 
 
-class AllToAllDispatcher:
-    """One deduplicated all-to-all over the EP group, one host sync; see the module docstring."""
+class ShardedExperts:
+    """E experts sharded over ``ep`` (a Group): this rank holds a contiguous slice.
+
+    The base of every expert-parallel dispatcher (here and in anymoe.core.ep_dispatch).
+    """
 
     def __init__(self, num_experts: int, ep: Group) -> None:
         if num_experts % ep.size:
@@ -126,6 +129,10 @@ class AllToAllDispatcher:
         self.ep_size = ep.size
         self.num_local_experts = num_experts // ep.size
         self.local_expert_offset = ep.index * self.num_local_experts
+
+
+class AllToAllDispatcher(ShardedExperts):
+    """One deduplicated all-to-all over the EP group, one host sync; see the module docstring."""
 
     def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor
                  ) -> tuple[Tensor, Tensor, A2AMeta]:

@@ -63,7 +63,7 @@ from anymoe.core.collectives import Group
 from anymoe.core.dispatch import LocalDispatcher, TokenDispatcher, sort_by_expert
 from anymoe.core.dispatch_fast import combine as fast_combine
 from anymoe.core.dispatch_fast import dispatch_ops_for
-from anymoe.core.ep_alltoall import A2AMeta
+from anymoe.core.ep_alltoall import A2AMeta, ShardedExperts
 from anymoe.core.ep_alltoall import AllToAllDispatcher as OneReadAllToAllDispatcher
 
 SideOut = TypeVar("SideOut")
@@ -209,17 +209,8 @@ class EPMeta:
     local: LocalMeta
 
 
-class _ShardedExperts:
-    """Common fields: E experts sharded over ``ep`` (a Group), this rank's slice."""
-
-    def __init__(self, num_experts: int, ep: Group) -> None:
-        if num_experts % ep.size:
-            raise ValueError(f"{num_experts} experts cannot be split over {ep.size} EP ranks")
-        self.num_experts = num_experts
-        self.ep = ep
-        self.ep_size = ep.size
-        self.num_local_experts = num_experts // ep.size
-        self.local_expert_offset = ep.index * self.num_local_experts
+class _ShardedExperts(ShardedExperts):
+    """Experts sharded over ``ep`` plus the rank lookup the hop dispatchers need."""
 
     def _rank_of(self, ids_TK: Tensor) -> Tensor:
         """EP rank holding each pair's expert; -1 for dropped pairs."""
