@@ -6,7 +6,9 @@
 #   bash ci/ipex_cpu.sh [VENV_DIR]
 # Cost: a second torch (the ~200 MB CPU wheel) and IPEX (~100 MB) downloaded and installed into
 # the venv, then the CPU conformance tests. TORCH_INDEX overrides the torch wheel index (a mirror,
-# for machines that cannot reach download.pytorch.org).
+# for machines that cannot reach download.pytorch.org). Measured here with
+# TORCH_INDEX=https://pypi.org/simple (PyPI's torch 2.8.0 is the CUDA build; it runs on the CPU):
+# 4 min, a 6.8 GB venv, 77 passed / 9 skipped (bench/results/ipex_cpu.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-/tmp/anymoe-ipex-venv}"
