@@ -36,8 +36,15 @@ def train(tmp_path, name, *args):
     if "--nproc" in args:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "anymoe", "train", str(cfg), "--out", str(run), *args],
-                              env=env, capture_output=True, text=True, timeout=240)
+        cmd = [sys.executable, "-m", "anymoe", "train", str(cfg), "--out", str(run), *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        if proc.returncode != 0 and "exitcode: -6" in proc.stderr:
+            # Seen about once in 15 runs on a loaded 2-core host: a worker aborts (SIGABRT) inside
+            # gloo; cause not found yet. Retry once from scratch and show the first failure, so
+            # the numbers below are still checked on a complete run.
+            print("first torchrun attempt aborted; retrying:\n" + proc.stderr[-3000:], file=sys.stderr)
+            shutil.rmtree(run, ignore_errors=True)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
         from anymoe.cli import main
