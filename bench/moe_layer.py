@@ -16,6 +16,8 @@ Variants:
     anymoe_fast     router + anymoe.core.dispatch_fast with the Triton kernels
     anymoe_twin     the same with the pure-torch ops (what other backends run)
     anymoe_layer    anymoe.core.moe.MoELayer on the cuda backend (when importable)
+    anymoe_layer_compiled  the same layer through torch.compile, mode reduce-overhead (CUDA
+                    graphs) with the traceable grouped matmul: a block under train.compile
     hf_block        transformers' Qwen3MoeSparseMoeBlock, experts_implementation=grouped_mm
     naive_loop      a per-expert python loop (host syncs), the textbook version
 
@@ -224,8 +226,32 @@ def layer_variants(p, s):
         layer.experts.forward = types.MethodType(_fused_swiglu_forward, layer.experts)
         return params, fwd, experts
 
+    def compiled():
+        # What `train.compile: blocks_cudagraphs` gives a block: the layer through torch.compile
+        # (mode reduce-overhead: CUDA graphs) on a grouped matmul that traces whole.
+        as_shipped()
+        eager_out = fwd(p["x"]).detach()
+        if p["x"].device.type == "cuda":
+            from anymoe.backends.cuda_kernels import grouped_mm_direct
+
+            layer.experts.grouped_mm = grouped_mm_direct
+        on_gpu = p["x"].device.type == "cuda"  # CPU smoke runs trace only (aot_eager: no C++ build)
+        graphed = (torch.compile(layer, mode="reduce-overhead") if on_gpu
+                   else torch.compile(layer, backend="aot_eager"))
+
+        def cfwd(x):
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed(x)[0]
+
+        compiled_out = cfwd(p["x"]).detach().clone()
+        COMPILED_VS_EAGER[s.name] = rel(compiled_out, eager_out)
+        return params, cfwd, experts
+
     return [("anymoe_layer", as_shipped, ""), ("anymoe_layer_fastdisp", fast_dispatch, ""),
-            ("anymoe_layer_fastall", fast_all, "")]
+            ("anymoe_layer_fastall", fast_all, ""), ("anymoe_layer_compiled", compiled, "")]
+
+
+COMPILED_VS_EAGER: dict[str, float] = {}  # config -> rel. difference of compiled vs eager layer output
 
 
 # ---------------------------------------------------------------- timing
@@ -462,7 +488,9 @@ def run(args):
                     x = p["x"].clone().requires_grad_()
                     timing = time_fwd_bwd(fwd, x, p["gy"], list(params.values()), iters, args.warmup, sync)
                     row["variants"][vname] = _entry(timing, s, floor, errs)
-                    if dev.type == "cuda":
+                    if vname == "anymoe_layer_compiled":
+                        row["variants"][vname]["rel_err_vs_eager_layer"] = COMPILED_VS_EAGER.get(s.name)
+                    if dev.type == "cuda" and vname != "anymoe_layer_compiled":
                         row["variants"][vname]["host_issue_ms"] = host_ms(fwd, p, list(params.values()))
                         if args.profile and routing == "balanced" and vname == "anymoe_layer_fastall":
                             prof_path = args.profile + f".{s.name}.{vname}.txt"
