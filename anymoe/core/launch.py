@@ -48,6 +48,7 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, dist_
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts)
     finally:
         dist.destroy_process_group()
 

@@ -163,8 +163,10 @@ def run(args: argparse.Namespace) -> int:
     if env.is_main:
         write_bytes_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     t0 = time.perf_counter()
+    finished = False
     try:
         summary = trainer.fit()
+        finished = True
     except ConfigError as err:
         return _fail(f"config error: {err}")
     except CheckpointError as err:
@@ -174,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted; resume with --resume", EXIT_INTERRUPTED)
     finally:
-        shutdown()
+        shutdown(wait_for_peers=finished)
     if env.is_main:
         info = {"backend": backend.name, "world_size": env.world_size, "ep": groups.ep.size,
                 "precision": str(resolve_precision(cfg, backend) or "fp32").replace("torch.", ""),

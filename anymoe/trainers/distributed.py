@@ -97,8 +97,17 @@ def _attempt_store(env: DistEnv, timeout: datetime.timedelta):
     return dist.PrefixStore(f"anymoe/attempt_{env.restart_count}", tcp)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = False) -> None:
+    """Leave the process group; after a completed run, once every rank is here.
+
+    Without the barrier a rank that finishes first closes its gloo connections while a peer
+    may still be reading from them; gloo then throws on a background thread and the peer
+    aborts (SIGABRT), failing a run whose work was complete. Failure paths skip it: a peer
+    that died would hold the barrier until the process-group timeout.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -298,6 +298,7 @@ def _run_here(args: argparse.Namespace, cfg, items: list[str], run_dir: Path) ->
         print("anymoe parity run: warning: noisy_topk draws router noise from the device's random "
               "stream; curves of different backends will not agree", file=sys.stderr)
     recorder = CurveRecorder()
+    finished = False
     try:
         env = init_distributed(backend)
         moe = cfg.model.moe
@@ -315,6 +316,7 @@ def _run_here(args: argparse.Namespace, cfg, items: list[str], run_dir: Path) ->
             trainer.add_hook("after_step", recorder)
         trainer.fit()
         meta = curve_meta(args, cfg, backend, env, groups, items)
+        finished = True
     except ConfigError as err:
         return _fail(f"config error: {err}")
     except CheckpointError as err:
@@ -322,7 +324,7 @@ def _run_here(args: argparse.Namespace, cfg, items: list[str], run_dir: Path) ->
     except TrainingStopped:
         return EXIT_STOPPED
     finally:
-        shutdown()
+        shutdown(wait_for_peers=finished)
     if env.is_main:
         out = Path(args.out)
         write_curve_atomic(out, meta, recorder.rows)
