@@ -134,4 +134,4 @@ class CUDABackend(Backend):
 
 # Triton kernels of the fast MoE dispatch path register themselves for "cuda" on import
 # (gpu-perf, anymoe/backends/cuda_kernels.py; a no-op where Triton is missing).
-from anymoe.backends import cuda_kernels  # noqa: E402, F401
+from anymoe.backends import cuda_kernels, cuda_loss_kernels  # noqa: E402, F401  (+ fused cross-entropy)
