@@ -16,6 +16,9 @@ Variants:
                   one-pass SwiGLU in the experts (fused w13)
     anymoe_fast_compiled     + regional torch.compile of each block (grouped_mm_direct)
     anymoe_fast_compiled_cg  + mode="reduce-overhead" (CUDA graphs: no launch gaps)
+    anymoe_trainer_compile   the shipped option: the model as the trainer builds it (preset
+                  defaults: fast dispatcher, fused w13 with the one-pass SwiGLU) through
+                  anymoe.trainers.compile.compile_blocks(..., "blocks_cudagraphs")
 
     PYTHONPATH=. python bench/train_throughput.py --out bench/results/train_throughput_h100.json
 """
@@ -111,6 +114,28 @@ def build_anymoe(dev, fast, compiled=False):
         for block in model.blocks:
             block.compile(mode=None if compiled == "default" else compiled)
 
+    return _anymoe_built(model, active)
+
+
+def build_anymoe_trainer_compile(dev):
+    """``train.compile: blocks_cudagraphs`` as shipped: MoETransformer as the trainer builds it
+    (the preset's fused w13; the fast dispatcher and one-pass SwiGLU are the defaults), then the
+    trainer's compile_blocks (the backend's traceable grouped GEMM, recompile limit, in-place
+    block.compile). bf16 parameters and no autocast, like the other variants here."""
+    from anymoe.core.backend import get_backend
+    from anymoe.models.presets import preset
+    from anymoe.models.transformer import MoETransformer
+    from anymoe.trainers.compile import compile_blocks
+
+    cfg = preset("moe-1b", moe={"balance": {"aux_loss": AUX_COEF, "z_loss": 0.0}})
+    backend = get_backend("cuda")
+    torch.manual_seed(0)
+    model = MoETransformer(cfg, backend=backend).to(dev, torch.bfloat16)
+    compile_blocks(model, backend, "blocks_cudagraphs")
+    return _anymoe_built(model, model.num_parameters(active=True))
+
+
+def _anymoe_built(model, active):
     def loss_fn(ids, labels):
         out = model(ids, return_aux=True)
         logits = out.logits.float()
@@ -256,7 +281,7 @@ def environment():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=["hf", "anymoe", "anymoe_fast", "anymoe_fast_compiled",
-                                                      "anymoe_fast_compiled_cg"])
+                                                      "anymoe_fast_compiled_cg", "anymoe_trainer_compile"])
     ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
@@ -275,7 +300,8 @@ def main(argv=None):
     builders = {"hf": lambda: build_hf(dev), "anymoe": lambda: build_anymoe(dev, fast=False),
                 "anymoe_fast": lambda: build_anymoe(dev, fast=True),
                 "anymoe_fast_compiled": lambda: build_anymoe(dev, fast=True, compiled="default"),
-                "anymoe_fast_compiled_cg": lambda: build_anymoe(dev, fast=True, compiled="reduce-overhead")}
+                "anymoe_fast_compiled_cg": lambda: build_anymoe(dev, fast=True, compiled="reduce-overhead"),
+                "anymoe_trainer_compile": lambda: build_anymoe_trainer_compile(dev)}
     results = []
     for name in args.variants:
         built = builders[name]()

@@ -10,8 +10,9 @@ Mixed precision and compilation follow bench/cpu_accel.py (bench/results/cpu_acc
 training step, tiny 8x128 and a 2-layer small 4x256, on an AVX2 CPU without AVX-512-BF16/AMX):
 bf16 autocast is 4.3x (tiny) and 15x (small) slower than fp32, so ``autocast_dtype`` is None;
 regional torch.compile runs the tiny step 1.3x faster but needs ~75 s to compile (it pays back
-after ~3,800 steps) and does not speed up the small one, so the CPU path stays eager. CPUs with
-bf16 matrix units (AMX) may differ: rerun the bench there.
+after ~3,800 steps) and does not speed up the small one, so the CPU path stays eager by default
+(``train.compile: blocks`` is allowed; its experts run the loop as one opaque graph node,
+anymoe/backends/grouped_mm_op.py). CPUs with bf16 matrix units (AMX) may differ: rerun the bench there.
 
 IPEX (intel_extension_for_pytorch) is imported only when its version matches torch's
 major.minor (its wheels refuse any other torch, and its last release, 2.8, needs torch 2.8);
@@ -29,9 +30,11 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from anymoe.backends.grouped_mm_op import grouped_mm_opaque
 from anymoe.backends.versions import installed_version, major_minor
 from anymoe.core.backend import Availability, Backend, register_backend
 from anymoe.core.grouped_mm import (
+    GroupedMM,
     grouped_mm_loop,
     grouped_mm_torch,
     match_operand_dtypes,
@@ -85,6 +88,16 @@ class CPUBackend(Backend):
         if x_TD.shape[0] > 0 and torch_grouped_mm_works(x_TD.device, x_TD.dtype):
             return grouped_mm_torch(x_TD, w_EDF, counts_E)
         return grouped_mm_loop(x_TD, w_EDF, counts_E)
+
+    def traceable_grouped_mm(self) -> GroupedMM:
+        return self._grouped_mm_traceable
+
+    def _grouped_mm_traceable(self, x_TD: Tensor, w_EDF: Tensor, counts_E: Tensor) -> Tensor:
+        """Under torch.compile the loop as one custom op (the host read of the counts would
+        break the graph); eager calls keep ``grouped_mm``."""
+        if torch.compiler.is_compiling():
+            return grouped_mm_opaque(x_TD, w_EDF, counts_E)
+        return self.grouped_mm(x_TD, w_EDF, counts_E)
 
     def memory_stats(self) -> dict[str, float]:
         # ru_maxrss is KiB on Linux, bytes on macOS.

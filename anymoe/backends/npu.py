@@ -215,6 +215,15 @@ class NPUBackend(Backend):
         group_list = group_list_from_counts(counts_E)
         return NPUGroupedMM.apply(x_TD.contiguous(), w_EDF.contiguous(), group_list, _kernel())
 
+    def compile_modes(self) -> tuple[str, ...]:
+        """Eager only. torch.compile on Ascend goes through torch_npu's own Inductor backend
+        (torch_npu >= 2.6, ``torch_npu._inductor``: Triton-Ascend codegen, beta, reported to fail
+        on dynamic-shape graphs) or TorchAir's graph mode (its capture-and-replay mode is for
+        inference). Neither has run with anymoe on an NPU, and ``NPUGroupedMM`` carries the
+        kernel as a Python object the tracer would have to take; "blocks" comes here once the
+        compile tests pass on Ascend hardware."""
+        return ("none",)
+
     def device_count(self) -> int:
         module, _ = load_torch_npu()
         return int(module.npu.device_count()) if module is not None else 0

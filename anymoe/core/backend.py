@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from anymoe.core.grouped_mm import GroupedMM
 from anymoe.core.sizing import IDENTITY, ExpertSizingPolicy
 
 
@@ -98,6 +99,18 @@ class Backend(ABC):
     def optimize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
         """Hand model and optimizer to a vendor optimiser where one is in use; default unchanged."""
         return model, optimizer
+
+    def compile_modes(self) -> tuple[str, ...]:
+        """The ``train.compile`` values this backend can run ("none" = eager, always there).
+
+        Base: "blocks", because torch.compile's default compiler (Inductor) generates code for
+        the device; CUDA graphs ("blocks_cudagraphs") are only where a backend adds them."""
+        return ("none", "blocks")
+
+    def traceable_grouped_mm(self) -> GroupedMM:
+        """The experts' grouped matmul inside compiled blocks: one the tracer takes whole (no
+        host read, no dtype probe), so a block stays one graph. Base: ``grouped_mm``."""
+        return self.grouped_mm
 
     def check(self) -> Backend:
         """Raise BackendUnavailable unless usable; returns self so calls chain."""

@@ -30,6 +30,7 @@ from anymoe.core.parallel import ParallelConfig
 from anymoe.data.config import DataConfig
 from anymoe.models.config import ModelConfig
 from anymoe.models.presets import _merge, preset_data
+from anymoe.trainers.compile import check_compile_config
 from anymoe.trainers.deepspeed_engine import DeepSpeedConfig, check_deepspeed
 from anymoe.trainers.distill import DistillConfig
 from anymoe.trainers.finetune import FinetuneConfig, check_finetune
@@ -48,6 +49,11 @@ class TrainConfig:
     deterministic: bool = param(True, doc="deterministic algorithms where the backend has them")
     host_threads: int | None = param(None, ge=1, doc="intra-op CPU threads per process (null: "
                                                       "OMP_NUM_THREADS, else torch's default)")
+    compile: Literal["none", "blocks", "blocks_cudagraphs"] = param(
+        "none", doc="none: eager; blocks: torch.compile each decoder block separately (regional: one "
+                    "graph reused by every block, short compile); blocks_cudagraphs: the same with mode "
+                    "reduce-overhead (CUDA graphs, no launch gaps; needs fixed shapes: packed data.seq_len "
+                    "rows). Which modes run depends on the backend (anymoe.trainers.compile)")
     max_bad_steps: int = param(5, ge=1, doc="stop after this many consecutive non-finite steps")
     spike_factor: float = param(0.0, ge=0, doc="loss > factor x running mean rolls back (0: off)")
     spike_window: int = param(20, ge=1, doc="steps in the running mean of the spike detector")
@@ -145,6 +151,7 @@ class RunConfig:
         if self.engine == "deepspeed":
             check_deepspeed(self.deepspeed, self.model)
         check_finetune(self.finetune, self.model, self.ep)
+        check_compile_config(self)
         seq = getattr(self.data, "seq_len", None)
         if seq is not None and seq > self.model.max_seq_len:
             raise ConfigError("data.seq_len", f"({seq}) is longer than model.max_seq_len "

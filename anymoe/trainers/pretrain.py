@@ -13,6 +13,11 @@ One step (``train_step``), with G micro-batches per rank and D data-parallel ran
 5. global grad norm (expert shards summed over EP), a non-finite loss or norm skips the step;
 6. clip, AdamW step, then the aux-free bias step of every MoE layer (DeepSeek-V3).
 
+Nothing is read to the host between micro-batches: the loss, aux and routing statistics stay on
+the device (anymoe.trainers.step_stats) and come back with the squared gradient norms in one
+transfer after the backward passes, so the device never waits on the host mid-step.
+``train.compile`` compiles the decoder blocks first (anymoe.trainers.compile).
+
 Weights are drawn on the CPU from the seed before moving to the device, and the data order
 depends only on the seed, so every backend and world size sees the same run.
 """
@@ -31,11 +36,13 @@ from torch import Tensor, nn
 
 from anymoe.core.config import ConfigError, to_dict
 from anymoe.trainers.checkpoint import canonical_optim_state, load_canonical_optim_state, write_bytes_atomic
+from anymoe.trainers.compile import check_backend, compile_blocks, mark_step_begin, own_block_grads
 from anymoe.trainers.config import RunConfig
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import LoopSettings, StepOutput, Trainer
-from anymoe.trainers.metrics import load_stats, router_entropy
+from anymoe.trainers.metrics import load_stats
 from anymoe.trainers.optim import LRSchedule, build_optimized
+from anymoe.trainers.step_stats import MicroBatchStats
 
 IGNORE = -100
 
@@ -117,6 +124,9 @@ def resolve_precision(cfg: RunConfig, backend) -> torch.dtype | None:
 class PretrainTrainer(Trainer):
     """Next-token prediction on packed text (pretraining) or prompt-masked responses (SFT)."""
 
+    # torch.compile backend of ``train.compile``; tests set "aot_eager" (same graphs, no codegen).
+    _compiler = "inductor"
+
     def __init__(self, cfg: RunConfig, run_dir: str | Path, backend, dist: DistEnv | None = None,
                  resume: bool = False, groups: Any = None) -> None:
         super().__init__(run_dir, loop_settings(cfg, resume), dist)
@@ -134,6 +144,8 @@ class PretrainTrainer(Trainer):
         from anymoe.models.transformer import MoETransformer
 
         self.device = backend.device(self.dist.local_rank)
+        self.compile_mode = cfg.train.compile
+        check_backend(self.compile_mode, backend)  # before any work: the backend says what it runs
         if cfg.train.host_threads is not None and "OMP_NUM_THREADS" not in os.environ:
             # Small models: one thread per process beats two on a shared 2-core host by 15x
             # (OMP barriers spin); see bench/results/cpu_precision.json (threads).
@@ -158,6 +170,8 @@ class PretrainTrainer(Trainer):
             attach_groups(self.model, self.groups)
         self.finetune_summary = self._apply_finetune()  # before the optimizer: it takes what still trains
         self.distiller = self._build_distiller()
+        # In place, after fine-tuning has shaped the model: parameters and state_dict keys unchanged.
+        compile_blocks(self.model, backend, self.compile_mode, self._compiler)
         self.model, self.optimizer = build_optimized(self.model, cfg.optim, backend)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         backend.manual_seed(cfg.train.seed + 1 + self.dist.rank)  # dropout streams, distinct per rank
@@ -166,6 +180,8 @@ class PretrainTrainer(Trainer):
         if self.dist.is_main:
             params, active = self.model.num_parameters(), self.model.num_parameters(active=True)
             dtype = str(self.amp_dtype or "fp32").replace("torch.", "")
+            if self.compile_mode != "none":
+                dtype += f", compile {self.compile_mode}"
             ep = self.groups.ep.size if self.groups is not None else 1
             self.message(f"backend {backend.name} ({dtype}), {self.dist.world_size} process(es) "
                          f"(dp {self.dp_size // ep} x ep {ep}), {params / 1e6:.2f}M parameters "
@@ -204,41 +220,30 @@ class PretrainTrainer(Trainer):
 
     def train_step(self, step: int) -> StepOutput:
         lr = self.schedule.apply(self.optimizer, step)
-        batches = self.data.next_step()
-        batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in batches]
-        n_local = sum(int((labels != IGNORE).sum()) for _, labels in batches)
+        host_batches = self.data.next_step()
+        n_local = sum(int((labels != IGNORE).sum()) for _, labels in host_batches)  # host copies: no sync
+        batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in host_batches]
         n_tokens = self._dp_sum(torch.tensor([float(n_local)], dtype=torch.float64)).item()
         scale = self.dp_size / max(n_tokens, 1.0)
-        ce_sum = torch.zeros((), dtype=torch.float64)
-        aux_sums: dict[str, float] = {}
-        aux_total = 0.0
-        layer_loads: list[Tensor] | None = None
-        layer_extra: list[dict[str, float]] = []
-        for ids, labels in batches:
+        stats = MicroBatchStats(self.accum)
+        for i, (ids, labels) in enumerate(batches):
+            mark_step_begin(self.compile_mode)
             with self._autocast():
                 out = self.model(ids, return_aux=True)
             ce = nn.functional.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
                                              labels.view(-1), ignore_index=IGNORE, reduction="sum")
             if step in self._poison_steps:  # fault injection (tests): a non-finite loss and gradient
                 ce = ce * float("nan")
+            stats.add(ce, out)  # on the device, copied before any graph replay can overwrite it
             lm = ce if self.distiller is None else self.distiller.mix(ce, ids, labels, out.logits)
             loss = lm * scale + out.aux_loss / self.accum
             loss.backward()
-            ce_sum += ce.detach().double().cpu()
-            aux_total += float(out.aux_loss.detach()) / self.accum
-            for layer_i, aux in enumerate(out.moe_aux):
-                for name, value in aux.losses.items():
-                    aux_sums[name] = aux_sums.get(name, 0.0) + float(value.detach()) / self.accum
-                load = aux.tokens_per_expert.detach().double().cpu()
-                if layer_loads is None:
-                    layer_loads = [torch.zeros_like(load) for _ in out.moe_aux]
-                    layer_extra = [{"entropy": 0.0, "dropped": 0.0} for _ in out.moe_aux]
-                layer_loads[layer_i] += load
-                layer_extra[layer_i]["entropy"] += router_entropy(aux.router_probs) / self.accum
-                layer_extra[layer_i]["dropped"] += float(aux.dropped)
+            if i == 0 and len(batches) > 1:
+                own_block_grads(self.model, self.compile_mode)  # out of the graph pool before a replay
         self._sync_grads()
-        loss_value = self._dp_sum(ce_sum.clone()).item() / max(n_tokens, 1.0)
-        grad_norm = self._grad_norm()
+        read = stats.read(self._grad_norm_squares())  # the step's one host read
+        loss_value = self._dp_sum(read.ce_sum.clone()).item() / max(n_tokens, 1.0)
+        grad_norm = math.sqrt(read.extra[0] + read.extra[1])
         bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
@@ -255,13 +260,13 @@ class PretrainTrainer(Trainer):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_router_biases()
-        aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(aux_sums).items()}
-        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": aux_total, **aux_means}
+        aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(read.aux_sums).items()}
+        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": read.aux_total, **aux_means}
         if self.distiller is not None:  # the KD term per loss token (before alpha), all ranks
             kd = self._dp_sum(torch.tensor([self.distiller.take_kl()], dtype=torch.float64)).item()
             metrics["distill/kd"] = kd / max(n_tokens, 1.0)
-        if layer_loads is not None:
-            metrics["layers"] = self._layer_stats(layer_loads, layer_extra)
+        if read.layer_loads is not None:
+            metrics["layers"] = self._layer_stats(read.layer_loads, read.layer_extra)
         return StepOutput(loss=loss_value, tokens=int(n_tokens), metrics=metrics)
 
     def _layer_stats(self, loads: list[Tensor], extra: list[dict[str, float]]) -> list[dict[str, Any]]:
@@ -294,13 +299,15 @@ class PretrainTrainer(Trainer):
 
             sync_gradients(self.model, self.groups)
 
-    def _grad_norm(self) -> float:
-        dense = torch.zeros((), dtype=torch.float64)
-        expert = torch.zeros((), dtype=torch.float64)
+    def _grad_norm_squares(self) -> tuple[Tensor, Tensor]:
+        """Squared gradient norms (dense, expert; float64 device scalars, experts summed over
+        EP), left on the device for the step's one host read."""
+        dense = torch.zeros((), dtype=torch.float64, device=self.device)
+        expert = torch.zeros((), dtype=torch.float64, device=self.device)
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            sq = p.grad.detach().double().pow(2).sum()
             if self._expert_param(name):
                 expert += sq
             else:
@@ -309,7 +316,7 @@ class PretrainTrainer(Trainer):
             from anymoe.core.collectives import all_reduce_
 
             expert = all_reduce_(expert, self.groups.ep, "sum")
-        return math.sqrt(float(dense + expert))
+        return dense, expert
 
     def _drop_bias_loads(self) -> None:
         """A skipped step must not move the aux-free biases: forget its routing loads."""
@@ -328,6 +335,7 @@ class PretrainTrainer(Trainer):
         ce = torch.zeros(2, dtype=torch.float64)
         for ids, labels in batches:
             ids, labels = ids.to(self.device), labels.to(self.device)
+            mark_step_begin(self.compile_mode)
             with self._autocast():
                 logits = self.model(ids)
             flat = logits.float().view(-1, logits.shape[-1])
