@@ -16,13 +16,32 @@ first: identity experts give out = x * sum_k w (in fp32) on every rank, checked 
 timing. Timings: median over iterations of the slowest rank (host clock around a device
 synchronize), forward only and forward + backward.
 
+Where the time goes, per dispatcher (the JSON's ``breakdown``; rank 0):
+
+    phases          per phase of the dispatcher (``ep/<phase>`` profiler ranges, anymoe.core.ep_rows.phase):
+                    host_ms (host time inside the phase, host syncs included), device_ms (kernel
+                    time launched from it), kernels (count), per iteration of dispatch + combine
+    device_busy_ms  union of all device activity per iteration; dispatch_combine_ms minus it is
+                    the device idle time (host syncs, launch latency)
+    top_kernels     the kernels taking the most device time, with their phase
+    backward        the same for forward + backward, bucketed by autograd node
+    host_sync_sites file:line -> count of the host syncs (CUDA sync debug mode) in one dispatch + combine
+
+``--nproc 1`` (one GPU): every dispatcher over an EP group of one, whose collectives are the
+identity (a local hop still packs, sorts and combines). That isolates the local overhead that
+the 2-GPU number pays on top of the wire time; ``fast_local`` (the one-rank fast dispatcher
+of the MoE layer: one sort, one gather, one fused combine) is the floor for it. At world 1 the
+rows per hop are T (at EP 2 about 2T), the pairs sorted are T*k at both.
+
     python bench/ep_dispatch.py --nproc 2 --out bench/results/ep_dispatch_h200x2.json
+    python bench/ep_dispatch.py --nproc 1 --full --out $OUT/ep1.json          # 1-GPU proxy
     torchrun --standalone --nproc_per_node 2 bench/ep_dispatch.py --out ...
     python bench/ep_dispatch.py --nproc 2 --out /tmp/ep.json   # on the CPU: smoke sizes (--full: the issue's)
 
 alltoall is the one-hop dispatcher of anymoe.core.ep_dispatch; alltoall_oneread
-(anymoe.core.ep_alltoall, one host read per dispatch) can be added with --dispatchers; the
-hierarchical one takes two generic hops (anymoe.core.ep_dispatch.hop).
+(anymoe.core.ep_alltoall, sender-computed receiver slots) can be added with --dispatchers; the
+hierarchical one takes two generic hops (anymoe.core.ep_dispatch.hop), one where a level has
+one member.
 """
 
 from __future__ import annotations
@@ -43,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anymoe.core import collectives as C  # noqa: E402
 from anymoe.core.backend import get_backend  # noqa: E402
+from anymoe.core.dispatch_fast import FastLocalDispatcher  # noqa: E402
 from anymoe.core.ep_dispatch import build_dispatcher, combine_with  # noqa: E402
 from anymoe.core.launch import launch  # noqa: E402
 from anymoe.core.parallel import ParallelConfig, build_parallel_groups  # noqa: E402
@@ -93,10 +113,13 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
     world_group = C.world_group()
     results: dict[str, dict] = {}
     send_splits = None
-    for name in args.dispatchers:
-        groups = build_parallel_groups(ParallelConfig(ep=world, node_size=args.node_size, dispatcher=name),
+    names = list(args.dispatchers) + (["fast_local"] if world == 1 else [])
+    for name in names:
+        groups = build_parallel_groups(ParallelConfig(ep=world, node_size=args.node_size,
+                                                      dispatcher="auto" if name == "fast_local" else name),
                                        backend.device_type, num_experts=E)
-        disp = build_dispatcher(_MoEShape(E, K), groups)
+        # fast_local: the MoE layer's one-rank dispatcher, the floor for the local work at world 1.
+        disp = FastLocalDispatcher(E) if name == "fast_local" else build_dispatcher(_MoEShape(E, K), groups)
 
         def fwd(disp=disp, xin=x):
             x_ND, counts, meta = disp.dispatch(xin, ids, w)
@@ -108,11 +131,11 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         if not err <= tol:  # correctness first: no timing of a wrong dispatcher
             raise AssertionError(f"{name}: identity experts give max rel error {err:.3g} > {tol}")
-        hop0 = meta if hasattr(meta, "send_splits") else (meta.hops[0] if hasattr(meta, "hops") else None)
+        hop0 = meta if hasattr(meta, "send_splits") else (meta.hops[0] if getattr(meta, "hops", ()) else None)
         rows_sent = sum(hop0.send_splits) if hop0 is not None else None
         if name == "alltoall":
             send_splits = (hop0.send_splits, hop0.recv_splits)
-        syncs = _count_syncs(fwd, dev)
+        syncs, sync_sites = _count_syncs(fwd, dev)
         fwd_ms = _time(lambda fwd=fwd: fwd(), args.iters, args.warmup, sync)
         xg = x.detach().clone().requires_grad_()
         wg = w.detach().clone().requires_grad_()
@@ -125,7 +148,12 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> dict:
         fb_ms = _time(fwd_bwd, args.iters, args.warmup, sync)
         results[name] = {"dispatch_combine_ms": _slowest_median(fwd_ms, world_group),
                          "fwd_bwd_ms": _slowest_median(fb_ms, world_group), "max_rel_err": err,
-                         "rows_sent_incl_self": rows_sent, "host_syncs_dispatch_combine": syncs}
+                         "rows_sent_incl_self": rows_sent, "host_syncs_dispatch_combine": syncs,
+                         "host_sync_sites": sync_sites}
+        if args.breakdown:
+            n = args.breakdown_iters
+            results[name]["breakdown"] = _guarded(_breakdown, fwd, sync, dev, n)
+            results[name]["breakdown"]["backward"] = _guarded(_breakdown, fwd_bwd, sync, dev, n, top=12)
         del groups
     overlap = {}
     if args.shared_hidden:
@@ -203,10 +231,11 @@ def _measure_overlap(args, world, x, ids, w, backend, sync, world_group) -> dict
     return res
 
 
-def _count_syncs(fn, dev: torch.device) -> int | None:
-    """Host syncs in one call of ``fn``, from torch's sync debug mode (CUDA only; None elsewhere)."""
+def _count_syncs(fn, dev: torch.device) -> tuple[int | None, dict[str, int] | None]:
+    """Host syncs in one call of ``fn`` and where they happen (file:line -> count), from torch's
+    sync debug mode (CUDA only; None elsewhere)."""
     if dev.type != "cuda":
-        return None
+        return None, None
     import warnings
 
     torch.cuda.synchronize(dev)
@@ -217,7 +246,93 @@ def _count_syncs(fn, dev: torch.device) -> int | None:
             fn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{_short(w.filename)}:{w.lineno}"
+            sites[where] = sites.get(where, 0) + 1
+    return sum(sites.values()), sites
+
+
+def _short(path: str) -> str:
+    """A path relative to the repository when it is inside it."""
+    root = str(Path(__file__).resolve().parents[1]) + os.sep
+    return path[len(root):] if path.startswith(root) else path
+
+
+def _guarded(fn, *args, **kwargs) -> dict:
+    """``fn(*args, **kwargs)``, or the error it raised: a profiler quirk must not lose the timings."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON instead
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def _breakdown(fn, sync, dev: torch.device, iters: int, top: int = 8) -> dict:
+    """Profile ``iters`` calls of ``fn``; kernel and host time per dispatcher phase (the
+    ``ep/<phase>`` ranges), per autograd node outside them (``bwd:<node>``), else ``other``.
+
+    Numbers are per call. ``sync_wait_ms``: host time in device-sync calls of the runtime
+    (cudaStreamSynchronize & co., where the profiler records them) inside the phase.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    fn()
+    sync()
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    events = prof.events()
+    phases: dict[str, dict[str, float]] = {}
+    kernels: dict[tuple[str, str], list[float]] = {}
+    intervals: list[tuple[float, float]] = []
+
+    def bucket(e) -> str:
+        while e is not None:
+            if e.name.startswith("ep/"):
+                return e.name[3:]
+            if e.name.startswith("autograd::engine::evaluate_function: "):
+                return "bwd:" + e.name.split(": ", 1)[1]
+            e = e.cpu_parent
+        return "other"
+
+    def slot(name: str) -> dict[str, float]:
+        return phases.setdefault(name, {"host_ms": 0.0, "device_ms": 0.0, "kernels": 0, "sync_wait_ms": 0.0})
+
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            if not (e.is_user_annotation or e.name.startswith("ep/")):  # kernels, copies, memsets
+                intervals.append((e.time_range.start, e.time_range.end))
+            continue
+        if e.name.startswith("ep/"):
+            slot(e.name[3:])["host_ms"] += e.time_range.elapsed_us() / 1e3 / iters
+        if e.name in _SYNC_CALLS:
+            slot(bucket(e))["sync_wait_ms"] += e.time_range.elapsed_us() / 1e3 / iters
+        if e.kernels:
+            name = bucket(e)
+            for k in e.kernels:
+                slot(name)["device_ms"] += k.duration / 1e3 / iters
+                slot(name)["kernels"] += 1 / iters
+                kernels.setdefault((name, k.name), []).append(k.duration)
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):  # union of the device intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    ranked = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "iters": iters,
+        "phases": {k: {f: round(v, 4) for f, v in d.items()} for k, d in phases.items()},
+        "device_busy_ms": round(busy / 1e3 / iters, 4),
+        "top_kernels": [{"phase": ph, "kernel": name[:120], "calls": len(d) / iters,
+                         "ms": round(sum(d) / 1e3 / iters, 4)} for (ph, name), d in ranked],
+    }
 
 
 def _device_name(dev: torch.device) -> str:
@@ -252,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dispatchers", nargs="+", default=["alltoall", "allgather", "hierarchical"])
     ap.add_argument("--shared-hidden", type=int, default=2816,
                     help="hidden of the shared SwiGLU expert in the overlap measurement (0: skip it)")
+    ap.add_argument("--breakdown", type=int, default=1, help="1: per-phase profile into the JSON; 0: skip")
+    ap.add_argument("--breakdown-iters", type=int, default=5, help="profiled calls per dispatcher")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=None, help="JSON path (default: $OUT/ep_dispatch.json or print only)")
@@ -262,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args.smoke = args.smoke or (get_backend(args.backend).name == "cpu" and not args.full)
     if args.smoke:  # sizes left at their defaults shrink; a size given on the command line stays
         for flag, small in (("tokens", 512), ("d_model", 64), ("iters", 3), ("warmup", 1),
-                            ("shared_hidden", 64)):
+                            ("shared_hidden", 64), ("breakdown_iters", 2)):
             if getattr(args, flag) == ap.get_default(flag):
                 setattr(args, flag, small)
     if "WORLD_SIZE" in os.environ:  # started by torchrun

@@ -144,6 +144,13 @@ class CollectiveOps:
         work = dist.all_to_all_single(out, buf, output_splits, input_splits, group=group.pg, async_op=True)
         return out, work.wait
 
+    def all_gather_equal_async(self, x: Tensor, group: Group) -> tuple[Tensor, Callable[[], Any]]:
+        """Start ``all_gather_equal``; returns (the output buffer being filled, a wait function)."""
+        buf = _staged(x.contiguous(), group)
+        out = buf.new_empty((group.size * x.shape[0], *x.shape[1:]))
+        work = _all_gather_flat(out, buf, group=group.pg, async_op=True)
+        return out, work.wait
+
     def broadcast_(self, x: Tensor, group: Group, src: int) -> Tensor:
         buf = _staged(x, group)
         dist.broadcast(buf, src=group.ranks[src], group=group.pg)
@@ -421,6 +428,54 @@ def all_to_all_start(x: Tensor, group: Group, output_splits: Sequence[int],
     return pending
 
 
+class _AllGatherStart(torch.autograd.Function):
+    """Launch the equal-size all-gather; backward: the reduce-scatter of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Group, pending: PendingAllToAll) -> Tensor:
+        ctx.group = group
+        out, pending.wait_fn = _ops(group).all_gather_equal_async(x, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _ops(ctx.group).reduce_scatter_equal(grad.contiguous(), ctx.group), None, None
+
+
+class PendingAllGather(PendingAllToAll):
+    """An all-gather in flight; ``wait()`` gives every rank's rows (uneven sizes trimmed)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def wait(self) -> Tensor:
+        if self._done is None:
+            padded = super().wait()
+            biggest = max(self.sizes)
+            if any(s != biggest for s in self.sizes):  # differentiable trim (backward pads with 0)
+                pieces = padded.split(biggest, dim=0)
+                self._done = torch.cat([p[:s] for p, s in zip(pieces, self.sizes)], dim=0)
+        return self._done
+
+
+def all_gather_start(x: Tensor, group: Group, sizes: Sequence[int] | None = None) -> PendingAllGather:
+    """``all_gather`` along dim 0 that returns at once; do other work, then call ``.wait()``.
+
+    Same semantics and gradient as ``all_gather(x, group, sizes=sizes)`` (the backward, a
+    reduce-scatter, is synchronous).
+    """
+    sizes = [x.shape[0]] * group.size if sizes is None else list(sizes)
+    assert sizes[group.index] == x.shape[0], (sizes, x.shape, group.index)
+    pending = PendingAllGather(sizes)
+    if group.size == 1:
+        pending._done = x
+        return pending
+    pending._device = x.device
+    pending._buf = _AllGatherStart.apply(_pad_rows(x, max(sizes)).contiguous(), group, pending)
+    return pending
+
+
 def exchange_splits(input_splits_P: Tensor, group: Group) -> Tensor:
     """Given how many rows this rank sends to each rank, how many it receives from each."""
     if group.size == 1:
@@ -442,7 +497,8 @@ def barrier(group: Group) -> None:
 
 
 __all__ = [
-    "CollectiveOps", "Group", "PendingAllToAll", "all_gather", "all_gather_list", "all_reduce", "all_reduce_",
+    "CollectiveOps", "Group", "PendingAllGather", "PendingAllToAll", "all_gather", "all_gather_list",
+    "all_gather_start", "all_reduce", "all_reduce_",
     "all_to_all", "all_to_all_start", "barrier", "broadcast", "exchange_splits", "gather_sizes",
     "reduce_scatter", "register_collective_ops", "single_group", "world_group",
 ]

@@ -24,8 +24,9 @@ index is computed on the device and the host reads one small matrix once:
    token's returned rows (a forward-only gather-sum; missing ranks point at a valid row of
    the same token with weight 0, so no padded copy of the returned rows either).
 
-Every row move is a dispatch_fast op (device kernels via ``dispatch_ops_for``), each the
-adjoint of the other in backward, so backward adds no sync either (splits come from the meta).
+Every row move is an anymoe.core.ep_rows op (dispatch_fast kernels, device kernels via
+``dispatch_ops_for``), each the adjoint of the other in backward, so backward adds no sync
+either (splits come from the meta).
 
 Legend: T tokens, D model dim, K top-k, E experts (global), E_l local experts, P EP ranks,
 S rows sent, Q rows received, N pairs computed here (+1 pad row).
@@ -42,63 +43,11 @@ from torch import Tensor
 
 from anymoe.core import collectives as C
 from anymoe.core.collectives import Group
-from anymoe.core.dispatch_fast import build_route_index, dispatch_ops_for
+from anymoe.core.dispatch_fast import build_route_index
 from anymoe.core.dispatch_fast import combine as fast_combine
+from anymoe.core.ep_rows import PermuteRows, ReduceSent, SendRows, phase
 
 SideOut = TypeVar("SideOut")
-
-
-class _SendRows(torch.autograd.Function):
-    """out[s] = x[src[s]]; backward dx[t] = sum_p mask[t, p] g[pos[t, p]] (a forward-only gather-sum)."""
-
-    @staticmethod
-    def forward(ctx, x_TD: Tensor, src_S: Tensor, pos_TP: Tensor, mask_TP: Tensor) -> Tensor:
-        ctx.save_for_backward(pos_TP, mask_TP)
-        return dispatch_ops_for(x_TD).gather_rows(x_TD.contiguous(), src_S)
-
-    @staticmethod
-    def backward(ctx, g_SD: Tensor):
-        pos_TP, mask_TP = ctx.saved_tensors
-        return _masked_sum(g_SD.contiguous(), pos_TP, mask_TP), None, None, None
-
-
-class _ReduceSent(torch.autograd.Function):
-    """out[t] = sum_p mask[t, p] y[pos[t, p]]; backward dy[s] = g[src[s]]."""
-
-    @staticmethod
-    def forward(ctx, y_SD: Tensor, src_S: Tensor, pos_TP: Tensor, mask_TP: Tensor) -> Tensor:
-        ctx.save_for_backward(src_S)
-        return _masked_sum(y_SD.contiguous(), pos_TP, mask_TP)
-
-    @staticmethod
-    def backward(ctx, g_TD: Tensor):
-        (src_S,) = ctx.saved_tensors
-        return dispatch_ops_for(g_TD).gather_rows(g_TD.contiguous(), src_S), None, None, None
-
-
-def _masked_sum(y_SD: Tensor, pos_TP: Tensor, mask_TP: Tensor) -> Tensor:
-    if y_SD.shape[0] == 0:  # nothing was sent (every pair dropped): every token sums nothing
-        return y_SD.new_zeros(pos_TP.shape[0], y_SD.shape[1])
-    return dispatch_ops_for(y_SD).combine_fwd(y_SD, pos_TP, mask_TP)
-
-
-class _RecvPermute(torch.autograd.Function):
-    """out[n] = x[src[n]] for n < N, out[N] = 0 (the pad row); backward dx[q] = sum_k g[pos[q, k]]
-    (pairs elsewhere point at the pad row, whose gradient is exactly 0: its combine weights are 0)."""
-
-    @staticmethod
-    def forward(ctx, x_QD: Tensor, src_N1: Tensor, pos_QK: Tensor) -> Tensor:
-        ctx.save_for_backward(pos_QK)
-        if x_QD.shape[0] == 0:
-            return x_QD.new_zeros(src_N1.shape[0], x_QD.shape[1])
-        out = dispatch_ops_for(x_QD).gather_rows(x_QD.contiguous(), src_N1)
-        out[-1].zero_()
-        return out
-
-    @staticmethod
-    def backward(ctx, g_ND: Tensor):
-        (pos_QK,) = ctx.saved_tensors
-        return dispatch_ops_for(g_ND).gather_sum(g_ND.contiguous(), pos_QK), None, None
 
 
 @dataclass(frozen=True)
@@ -139,83 +88,92 @@ class AllToAllDispatcher(ShardedExperts):
         E, El, P, me = self.num_experts, self.num_local_experts, self.ep_size, self.ep.index
         T, K = expert_ids_TK.shape
         dev = expert_ids_TK.device
-        # Everything up to the host read is queued on the device without waiting; after it only
-        # the row moves and the receiver's scatter remain (few launches once the queue is drained).
-        rank_TK = torch.div(expert_ids_TK, El, rounding_mode="floor")  # dropped (-1) -> -1: no rank
-        here_TPK = rank_TK.unsqueeze(1) == torch.arange(P, device=dev).view(1, P, 1)
-        to_TP = here_TPK.any(2)
-        # Sort by global expert = by (destination rank, local expert), ties in token order. E + 1
-        # "experts" so the dropped pairs (-1) fill the extra block and counts[:E] are exact.
-        index = build_route_index(expert_ids_TK, E + 1)
-        counts_E = index.counts_E[:E]
-        to_i = to_TP.to(torch.int64)
-        rows_P = to_i.sum(0)
-        M_PX = C.all_gather(torch.cat([counts_E, rows_P]).unsqueeze(0), self.ep)  # [P, E + P]
+        with phase("oneread_index"):
+            # Everything up to the host read is queued on the device without waiting; after it only
+            # the row moves and the receiver's scatter remain (few launches once the queue is drained).
+            rank_TK = torch.div(expert_ids_TK, El, rounding_mode="floor")  # dropped (-1) -> -1: no rank
+            here_TPK = rank_TK.unsqueeze(1) == torch.arange(P, device=dev).view(1, P, 1)
+            to_TP = here_TPK.any(2)
+            # Sort by global expert = by (destination rank, local expert), ties in token order. E + 1
+            # "experts" so the dropped pairs (-1) fill the extra block and counts[:E] are exact.
+            index = build_route_index(expert_ids_TK, E + 1)
+            counts_E = index.counts_E[:E]
+            to_i = to_TP.to(torch.int64)
+            rows_P = to_i.sum(0)
+            M_PX = C.all_gather(torch.cat([counts_E, rows_P]).unsqueeze(0), self.ep)  # [P, E + P]
 
-        # Slot of each of my pairs in its receiver's sorted rows (local expert, source, pair order);
-        # a pair whose expert is on another rank gets that rank's pad row N_p.
-        pairs_PE = M_PX[:, :E]
-        tot_PEl = pairs_PE.sum(0).view(P, El)
-        expert_base_E = (tot_PEl.cumsum(1) - tot_PEl).reshape(E)
-        shift_E = expert_base_E + pairs_PE[:me].sum(0) - (counts_E.cumsum(0) - counts_E)
-        shift_TK = shift_E.index_select(0, expert_ids_TK.clamp_min(0).reshape(-1)).view(T, K)
-        slot_TK = index.sorted_pos_TK + shift_TK
-        pad_P1 = tot_PEl.sum(1).view(1, P, 1)
-        # Send order: destination, then token. pos_TP = offset of rank p + tokens before t sent to p.
-        pos_TP = (rows_P.cumsum(0) - rows_P) + to_i.cumsum(0) - to_i
-        order = torch.zeros(T * P + 1, dtype=torch.int64, device=dev)  # unsent -> the dump slot T*P
-        order.scatter_(0, torch.where(to_TP, pos_TP, T * P).reshape(-1), torch.arange(T * P, device=dev))
-        src_row = torch.div(order, P, rounding_mode="floor")
-        # Where a token is not sent to p, point at a row it was sent to (weight 0: adds nothing).
-        any_pos_T = torch.where(to_TP, pos_TP, -1).amax(1, keepdim=True).clamp_min(0)
-        pos_TP = torch.where(to_TP, pos_TP, any_pos_T)
-        mask_TP = to_TP.to(torch.float32)
-        # The small message: weights (masked to the destination) and slots, one float row per sent row.
-        acc = torch.promote_types(weights_TK.dtype, torch.float32)
-        if acc == torch.float32 and T * K * P >= 2**24:  # slots must stay exact in the float
-            acc = torch.float64
-        w_TPK = weights_TK.to(acc).unsqueeze(1) * here_TPK.to(acc)
-        slot_TPK = torch.where(here_TPK, slot_TK.unsqueeze(1), pad_P1).to(acc)
-        msg = torch.cat([w_TPK, slot_TPK], dim=2).view(T * P, 2 * K).index_select(0, order)
-        local_E = pairs_PE[:, me * El:(me + 1) * El].sum(0)
-        local_E[-1:] += 1  # the pad row
+            # Slot of each of my pairs in its receiver's sorted rows (local expert, source, pair order);
+            # a pair whose expert is on another rank gets that rank's pad row N_p.
+            pairs_PE = M_PX[:, :E]
+            tot_PEl = pairs_PE.sum(0).view(P, El)
+            expert_base_E = (tot_PEl.cumsum(1) - tot_PEl).reshape(E)
+            shift_E = expert_base_E + pairs_PE[:me].sum(0) - (counts_E.cumsum(0) - counts_E)
+            shift_TK = shift_E.index_select(0, expert_ids_TK.clamp_min(0).reshape(-1)).view(T, K)
+            slot_TK = index.sorted_pos_TK + shift_TK
+            pad_P1 = tot_PEl.sum(1).view(1, P, 1)
+            # Send order: destination, then token. pos_TP = offset of rank p + tokens before t sent to p.
+            pos_TP = (rows_P.cumsum(0) - rows_P) + to_i.cumsum(0) - to_i
+            order = torch.zeros(T * P + 1, dtype=torch.int64, device=dev)  # unsent -> the dump slot T*P
+            order.scatter_(0, torch.where(to_TP, pos_TP, T * P).reshape(-1), torch.arange(T * P, device=dev))
+            src_row = torch.div(order, P, rounding_mode="floor")
+            # Where a token is not sent to p, point at a row it was sent to (weight 0: adds nothing).
+            any_pos_T = torch.where(to_TP, pos_TP, -1).amax(1, keepdim=True).clamp_min(0)
+            pos_TP = torch.where(to_TP, pos_TP, any_pos_T)
+            mask_TP = to_TP.to(torch.float32)
+            # The small message: weights (masked to the destination) and slots, one float row per sent row.
+            acc = torch.promote_types(weights_TK.dtype, torch.float32)
+            if acc == torch.float32 and T * K * P >= 2**24:  # slots must stay exact in the float
+                acc = torch.float64
+            w_TPK = weights_TK.to(acc).unsqueeze(1) * here_TPK.to(acc)
+            slot_TPK = torch.where(here_TPK, slot_TK.unsqueeze(1), pad_P1).to(acc)
+            msg = torch.cat([w_TPK, slot_TPK], dim=2).view(T * P, 2 * K).index_select(0, order[:T * P])
+            local_E = pairs_PE[:, me * El:(me + 1) * El].sum(0)
+            local_E[-1:] += 1  # the pad row
 
-        # The only host read: every rank's pairs per expert and rows per destination.
-        M = M_PX.tolist()
+            # The only host read: every rank's pairs per expert and rows per destination.
+            M = M_PX.tolist()
         send_splits = M[me][E:]
         recv_splits = [M[s][E + me] for s in range(P)]
         S, Q = sum(send_splits), sum(recv_splits)
         N = sum(M[s][e] for s in range(P) for e in range(me * El, (me + 1) * El))
         src_row_S = src_row[:S]
-        recv_QK2 = C.all_to_all(msg[:S], self.ep, recv_splits, send_splits)
-        x_SD = _SendRows.apply(x_TD, src_row_S, pos_TP, mask_TP)
-        x_QD = C.all_to_all(x_SD, self.ep, recv_splits, send_splits)
+        with phase("hop_send"):
+            recv_QK2 = C.all_to_all(msg[:S], self.ep, recv_splits, send_splits)
+            x_SD = SendRows.apply(x_TD, src_row_S, pos_TP, mask_TP)
+            x_QD = C.all_to_all(x_SD, self.ep, recv_splits, send_splits)
 
         # Receiver: rows to their slots; the extra row N is the zero pad, counted into the last expert.
         # One extra combine row reads only the pad row, so combine's backward always writes the pad
         # row's gradient (0) instead of leaving it uninitialised.
-        pos_Q1K = torch.cat([recv_QK2[:, K:].detach(), recv_QK2.new_full((1, K), N)]).to(torch.int64)
-        w_Q1K = torch.cat([recv_QK2[:, :K], recv_QK2.new_zeros(1, K)]).to(weights_TK.dtype)
-        src_N1 = torch.zeros(N + 1, dtype=torch.int64, device=dev)
-        row_QK = torch.div(torch.arange(Q * K, device=dev), K, rounding_mode="floor")
-        src_N1.scatter_(0, pos_Q1K[:Q].reshape(-1), row_QK)
-        x_ND = _RecvPermute.apply(x_QD, src_N1, pos_Q1K[:Q])
+        with phase("local_gather"):
+            pos_Q1K = torch.cat([recv_QK2[:, K:].detach(), recv_QK2.new_full((1, K), N)]).to(torch.int64)
+            w_Q1K = torch.cat([recv_QK2[:, :K], recv_QK2.new_zeros(1, K)]).to(weights_TK.dtype)
+            src_N1 = torch.zeros(N + 1, dtype=torch.int64, device=dev)
+            row_QK = torch.div(torch.arange(Q * K, device=dev), K, rounding_mode="floor")
+            src_N1.scatter_(0, pos_Q1K[:Q].reshape(-1), row_QK)
+            x_ND = PermuteRows.apply(x_QD, src_N1, pos_Q1K[:Q], True)
         meta = A2AMeta(self.ep, send_splits, recv_splits, src_row_S, pos_TP, mask_TP, pos_Q1K, w_Q1K)
         return x_ND, local_E, meta
 
     def combine(self, y_ND: Tensor, meta: A2AMeta) -> Tensor:
-        y_QD = fast_combine(y_ND, meta.pos_Q1K, meta.w_Q1K)[:-1]
-        y_SD = C.all_to_all(y_QD, meta.group, meta.send_splits, meta.recv_splits)
-        return _ReduceSent.apply(y_SD, meta.src_row_S, meta.pos_TP, meta.mask_TP)
+        with phase("local_combine"):
+            y_QD = fast_combine(y_ND, meta.pos_Q1K, meta.w_Q1K)[:-1]
+        with phase("return"):
+            y_SD = C.all_to_all(y_QD, meta.group, meta.send_splits, meta.recv_splits)
+        with phase("reduce"):
+            return ReduceSent.apply(y_SD, meta.src_row_S, meta.pos_TP, meta.mask_TP)
 
     def combine_overlapped(self, y_ND: Tensor, meta: A2AMeta, side: Callable[[], SideOut]
                            ) -> tuple[Tensor, SideOut]:
         """``combine``, with ``side()`` (e.g. the shared experts) computed while the return
         all-to-all is in flight. Same results and gradients as combine, then side."""
-        y_QD = fast_combine(y_ND, meta.pos_Q1K, meta.w_Q1K)[:-1]
-        pending = C.all_to_all_start(y_QD, meta.group, meta.send_splits, meta.recv_splits)
+        with phase("local_combine"):
+            y_QD = fast_combine(y_ND, meta.pos_Q1K, meta.w_Q1K)[:-1]
+        with phase("return"):
+            pending = C.all_to_all_start(y_QD, meta.group, meta.send_splits, meta.recv_splits)
         side_out = side()
-        return _ReduceSent.apply(pending.wait(), meta.src_row_S, meta.pos_TP, meta.mask_TP), side_out
+        with phase("reduce"):
+            return ReduceSent.apply(pending.wait(), meta.src_row_S, meta.pos_TP, meta.mask_TP), side_out
 
 
 __all__ = ["A2AMeta", "AllToAllDispatcher"]

@@ -1,9 +1,11 @@
-"""The all-to-all dispatcher's costs and the MoE layer's overlap switch, on 2 gloo processes.
+"""The EP dispatchers' host reads and the MoE layer's overlap switch, on 2 gloo processes.
 
-- Host syncs: one host read per dispatch (the split matrix), none in combine or backward, and no
-  op that syncs on an accelerator (nonzero, masked_select, unique, bincount, item) anywhere.
-  Counted with a TorchDispatchMode over every aten op and a counter on ``Tensor.tolist``/``item``;
-  the op counts are recorded (printed with ``-s``) as the CPU-side evidence for the GPU run.
+- Host syncs: one host read per dispatch (the split matrix / the gathered counts), none in
+  combine or backward, and no op that syncs on an accelerator (nonzero, masked_select, unique,
+  bincount, item) anywhere, for every dispatcher (alltoall, alltoall_oneread, allgather,
+  hierarchical). Counted with a TorchDispatchMode over every aten op and a counter on
+  ``Tensor.tolist``/``item``/``int``; the op counts are recorded (printed with ``-s``) as the
+  CPU-side evidence for the GPU run.
 - ``ParallelConfig.overlap_shared`` (set on the layers by ``attach_groups``): the layer with the
   shared experts computed during the return all-to-all gives bitwise the plain layer's outputs
   and gradients.
@@ -51,7 +53,7 @@ class _HostReads:
 
     def __enter__(self):
         self.n = 0
-        self._saved = torch.Tensor.tolist, torch.Tensor.item
+        self._saved = torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__
 
         def counted(fn):
             def wrapper(t, *a, **kw):
@@ -61,47 +63,57 @@ class _HostReads:
                 return out
             return wrapper
 
-        torch.Tensor.tolist, torch.Tensor.item = counted(self._saved[0]), counted(self._saved[1])
+        torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__ = map(counted, self._saved)
         return self
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist, torch.Tensor.item = self._saved
+        torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__int__ = self._saved
 
 
-def _count_worker(rank: int, world: int) -> dict[str, object]:
-    groups = build_parallel_groups(ParallelConfig(ep=2, dispatcher="alltoall_oneread"), "cpu", num_experts=E)
-    disp = build_dispatcher(MoEConfig(num_experts=E, top_k=K, expert_hidden=8), groups)
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randn(T, D, generator=g, requires_grad=True)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
-    ids[0, 1] = -1  # a dropped pair
-    w = torch.rand(T, K, generator=g).requires_grad_()
-    out: dict[str, object] = {}
-    for phase in ("dispatch", "combine", "backward"):
-        with _OpCounter() as ops, _HostReads(ops) as reads:
-            if phase == "dispatch":
-                x_ND, counts_E, meta = disp.dispatch(x, ids, w)
-            elif phase == "combine":
-                y = disp.combine(x_ND * 2, meta)
-            else:
-                y.square().sum().backward()
-        out[phase] = {"host_reads": reads.n, "ops": sum(ops.ops.values()), "by_op": dict(ops.ops),
-                      "after_read": reads.after()}
-    # Identity experts times 2: out = 2 x * sum_k w over the kept pairs, wherever their experts live.
-    torch.testing.assert_close(y, 2 * x * (w * (ids >= 0)).sum(1, keepdim=True))
+DISPATCHERS = ("alltoall", "alltoall_oneread", "allgather", "hierarchical")
+
+
+def _count_worker(rank: int, world: int) -> dict[str, dict[str, object]]:
+    out: dict[str, dict[str, object]] = {}
+    for name in DISPATCHERS:  # hierarchical with node_size 1: one hop across "nodes"
+        cfg = ParallelConfig(ep=2, node_size=1, dispatcher=name)
+        groups = build_parallel_groups(cfg, "cpu", num_experts=E)
+        disp = build_dispatcher(MoEConfig(num_experts=E, top_k=K, expert_hidden=8), groups)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(T, D, generator=g, requires_grad=True)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        ids[0, 1] = -1  # a dropped pair
+        w = torch.rand(T, K, generator=g).requires_grad_()
+        res: dict[str, object] = {}
+        for phase in ("dispatch", "combine", "backward"):
+            with _OpCounter() as ops, _HostReads(ops) as reads:
+                if phase == "dispatch":
+                    x_ND, counts_E, meta = disp.dispatch(x, ids, w)
+                elif phase == "combine":
+                    y = disp.combine(x_ND * 2, meta)
+                else:
+                    y.square().sum().backward()
+            res[phase] = {"host_reads": reads.n, "ops": sum(ops.ops.values()), "by_op": dict(ops.ops),
+                          "after_read": reads.after()}
+        # Identity experts times 2: out = 2 x * sum_k w over the kept pairs, wherever their experts live.
+        torch.testing.assert_close(y, 2 * x * (w * (ids >= 0)).sum(1, keepdim=True))
+        out[name] = res
     return out
 
 
 @pytest.mark.multiproc
-def test_alltoall_one_host_read_per_dispatch() -> None:
+def test_one_host_read_per_dispatch() -> None:
     results = launch(_count_worker, 2, timeout_s=120, start_method="fork")
-    for rank, res in enumerate(results):
-        print(f"rank {rank}: " + ", ".join(f"{p}: {r['host_reads']} host reads, {r['ops']} aten ops"
-                                           f" ({r['after_read']} after the read)" for p, r in res.items()))
-        assert [res[p]["host_reads"] for p in ("dispatch", "combine", "backward")] == [1, 0, 0], res
-        for phase, r in res.items():
-            bad = SYNC_OPS & set(r["by_op"])
-            assert not bad, f"rank {rank} {phase}: ops that sync on an accelerator: {bad}"
+    for rank, per_disp in enumerate(results):
+        for name, res in per_disp.items():
+            print(f"rank {rank} {name}: " + ", ".join(
+                f"{p}: {r['host_reads']} host reads, {r['ops']} aten ops ({r['after_read']} after the read)"
+                for p, r in res.items()))
+            reads = [res[p]["host_reads"] for p in ("dispatch", "combine", "backward")]
+            assert reads == [1, 0, 0], (name, res)
+            for phase, r in res.items():
+                bad = SYNC_OPS & set(r["by_op"])
+                assert not bad, f"rank {rank} {name} {phase}: ops that sync on an accelerator: {bad}"
 
 
 def _overlap_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
