@@ -35,9 +35,9 @@ import time
 import types
 
 import torch
-import torch.nn.functional as F
 
 from anymoe.core import dispatch_fast as dfast
+from anymoe.core.losses import cross_entropy_sum
 
 H100_PEAK_BF16 = 989e12  # dense bf16 datasheet peak (issue 9's MFU denominator)
 SHAPE = dict(d=1024, layers=12, heads=16, kv_heads=4, head_dim=64, experts=64, top_k=8, expert_hidden=512,
@@ -137,10 +137,10 @@ def build_anymoe_trainer_compile(dev):
 
 def _anymoe_built(model, active):
     def loss_fn(ids, labels):
+        # The trainer's loss: the fused cross-entropy (no fp32 copy of the logits), as a mean.
         out = model(ids, return_aux=True)
-        logits = out.logits.float()
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
-        return ce + out.aux_loss
+        ce = cross_entropy_sum(out.logits.view(-1, out.logits.shape[-1]), labels.view(-1), -100)
+        return ce / (labels != -100).sum() + out.aux_loss
 
     def checkpointing(on):
         model.set_checkpointing("full" if on else "none")

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from anymoe.core.losses import cross_entropy_sum
 from anymoe.trainers.checkpoint import CheckpointError
 from anymoe.trainers.loop import StepOutput, TrainingStopped
 from anymoe.trainers.metrics import router_entropy
@@ -90,8 +91,7 @@ class DeepSpeedPretrainTrainer(PretrainTrainer):
         distiller = getattr(self, "distiller", None)
         for i, (ids, labels) in enumerate(batches):
             out = eng(ids, return_aux=True)
-            ce = nn.functional.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
-                                             labels.view(-1), ignore_index=IGNORE, reduction="sum")
+            ce = cross_entropy_sum(out.logits.view(-1, out.logits.shape[-1]), labels.view(-1), IGNORE)
             lm = ce if distiller is None else distiller.mix(ce, ids, labels, out.logits)
             eng.backward(lm * scale + out.aux_loss / self.accum, scale_wrt_gas=False)
             ce_sum += ce.detach().double().cpu()

@@ -87,7 +87,7 @@ def recipe_sha256(cfg) -> str:
     """Hash of what must match between two curves that are compared: model, data, optimiser,
     seed and step count (not the backend, EP size, precision or logging)."""
     data = to_dict(cfg)
-    train = {k: v for k, v in data["train"].items() if k not in ("precision", "deterministic")}
+    train = {k: v for k, v in data["train"].items() if k not in ("precision", "deterministic", "compile")}
     recipe = {"model": data["model"], "data": data["data"], "optim": data["optim"], "train": train}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from anymoe.core.config import ConfigError, to_dict
+from anymoe.core.losses import cross_entropy_sum
 from anymoe.trainers.checkpoint import canonical_optim_state, load_canonical_optim_state, write_bytes_atomic
 from anymoe.trainers.compile import check_backend, compile_blocks, mark_step_begin, own_block_grads
 from anymoe.trainers.config import RunConfig
@@ -230,8 +231,7 @@ class PretrainTrainer(Trainer):
             mark_step_begin(self.compile_mode)
             with self._autocast():
                 out = self.model(ids, return_aux=True)
-            ce = nn.functional.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
-                                             labels.view(-1), ignore_index=IGNORE, reduction="sum")
+            ce = cross_entropy_sum(out.logits.view(-1, out.logits.shape[-1]), labels.view(-1), IGNORE)
             if step in self._poison_steps:  # fault injection (tests): a non-finite loss and gradient
                 ce = ce * float("nan")
             stats.add(ce, out)  # on the device, copied before any graph replay can overwrite it
@@ -338,9 +338,7 @@ class PretrainTrainer(Trainer):
             mark_step_begin(self.compile_mode)
             with self._autocast():
                 logits = self.model(ids)
-            flat = logits.float().view(-1, logits.shape[-1])
-            ce[0] += float(nn.functional.cross_entropy(flat, labels.view(-1), ignore_index=IGNORE,
-                                                       reduction="sum"))
+            ce[0] += float(cross_entropy_sum(logits.view(-1, logits.shape[-1]), labels.view(-1), IGNORE))
             ce[1] += float((labels != IGNORE).sum())
         self.model.train()
         ce = self._dp_sum(ce)

@@ -105,3 +105,23 @@ def test_backend_grouped_mm_under_torch_compile(dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(y.double(), ref, atol=tol, rtol=tol)
     assert wr.grad is not None and xr.grad is not None
+
+
+def test_first_probe_inside_a_full_activation_checkpoint():
+    """The backend's one-time op probe may run inside a checkpointed block's forward; the
+    recompute (probe cached) must still save the same tensors, so training steps work."""
+    from anymoe.core import grouped_mm as gm
+    from anymoe.core.backend import get_backend
+    from anymoe.models.presets import preset
+    from anymoe.models.transformer import MoETransformer
+
+    gm._PROBED.clear()
+    torch.manual_seed(0)
+    cfg = preset("tiny", checkpointing="full")
+    model = MoETransformer(cfg, backend=get_backend("cpu"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(ids)
+    logits = out if torch.is_tensor(out) else out.logits
+    logits.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
