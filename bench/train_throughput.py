@@ -117,22 +117,30 @@ def build_anymoe(dev, fast, compiled=False):
     return _anymoe_built(model, active)
 
 
-def build_anymoe_trainer_compile(dev):
+def build_anymoe_trainer_compile(dev, checkpointing=False):
     """``train.compile: blocks_cudagraphs`` as shipped: MoETransformer as the trainer builds it
     (the preset's fused w13; the fast dispatcher and one-pass SwiGLU are the defaults), then the
     trainer's compile_blocks (the backend's traceable grouped GEMM, recompile limit, in-place
-    block.compile). bf16 parameters and no autocast, like the other variants here."""
+    block.compile). bf16 parameters and no autocast, like the other variants here.
+    checkpointing: full activation checkpointing with ``train.compile: blocks`` (the trainer
+    refuses CUDA graphs with checkpointing; the recomputed block body is what gets compiled)."""
     from anymoe.core.backend import get_backend
     from anymoe.models.presets import preset
     from anymoe.models.transformer import MoETransformer
     from anymoe.trainers.compile import compile_blocks
 
-    cfg = preset("moe-1b", moe={"balance": {"aux_loss": AUX_COEF, "z_loss": 0.0}})
+    cfg = preset("moe-1b", moe={"balance": {"aux_loss": AUX_COEF, "z_loss": 0.0}},
+                 checkpointing="full" if checkpointing else "none")
     backend = get_backend("cuda")
     torch.manual_seed(0)
     model = MoETransformer(cfg, backend=backend).to(dev, torch.bfloat16)
-    compile_blocks(model, backend, "blocks_cudagraphs")
-    return _anymoe_built(model, model.num_parameters(active=True))
+    compile_blocks(model, backend, "blocks" if checkpointing else "blocks_cudagraphs")
+    model, loss_fn, active, _ = _anymoe_built(model, model.num_parameters(active=True))
+
+    def fixed(on):  # checkpointing is chosen before compiling, as the trainer does
+        if on != checkpointing:
+            raise ValueError("build another anymoe_trainer_compile model to change checkpointing")
+    return model, loss_fn, active, fixed
 
 
 def _anymoe_built(model, active):
@@ -310,6 +318,11 @@ def main(argv=None):
             if args.ckpt and name not in args.ckpt_variants:
                 continue
             try:
+                if name == "anymoe_trainer_compile" and args.ckpt:
+                    del built
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    built = build_anymoe_trainer_compile(dev, checkpointing=True)
                 res = run_variant(name, built, args, dev)
             except torch.OutOfMemoryError as exc:
                 res = {"variant": name, "checkpointing": args.ckpt, "error": f"out of memory: {exc}"[:300]}

@@ -89,7 +89,7 @@ def aux_loss(probs_TE: Tensor, ids_TK: Tensor, group: object | None = None) -> T
     T, E = probs_TE.shape
     K = ids_TK.shape[1]
     counts = expert_counts(ids_TK, E, probs_TE.dtype)
-    total = probs_TE.new_tensor(float(T * K))
+    total = torch.full((), float(T * K), dtype=probs_TE.dtype, device=probs_TE.device)  # no host copy
     if group is not None:
         counts, total = all_reduce_sum(counts, group), all_reduce_sum(total, group)
     f_E = counts * (E / total)
@@ -114,7 +114,7 @@ def ep_group_loss(probs_TE: Tensor, ids_TK: Tensor, num_groups: int, group: obje
     if E % num_groups:
         raise ValueError(f"ep_group_loss: {num_groups} groups do not divide {E} experts")
     counts = expert_counts(ids_TK, E, probs_TE.dtype)
-    total = probs_TE.new_tensor(float(T * K))
+    total = torch.full((), float(T * K), dtype=probs_TE.dtype, device=probs_TE.device)  # no host copy
     if group is not None:
         counts, total = all_reduce_sum(counts, group), all_reduce_sum(total, group)
     f_GE = (counts * (E / total)).view(num_groups, E // num_groups)

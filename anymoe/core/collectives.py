@@ -303,7 +303,7 @@ def gather_sizes(n: int, group: Group, device: torch.device | None = None) -> li
     """Every rank's ``n`` (e.g. its token count), in group order."""
     if group.size == 1:
         return [n]
-    t = torch.tensor([n], dtype=torch.int64, device=device)
+    t = torch.full((1,), n, dtype=torch.int64, device=device)  # a fill, not a blocking host copy
     return _ops(group).all_gather_equal(t, group).tolist()
 
 

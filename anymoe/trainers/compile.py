@@ -63,6 +63,11 @@ def check_compile_config(cfg: Any) -> None:
         raise ConfigError("train.compile", f"{mode!r} does not run with expert parallelism (parallel.ep "
                           f"= {cfg.ep}): the all-to-all dispatch reads its split sizes on the host inside "
                           "every MoE block; set train.compile: none, or parallel.ep: 1")
+    if mode == "blocks_cudagraphs" and cfg.model.checkpointing != "none":
+        raise ConfigError("train.compile", f"blocks_cudagraphs is not combined with model.checkpointing "
+                          f"{cfg.model.checkpointing!r} (a recompute during backward would replay a forward "
+                          "graph whose outputs the backward still reads); use train.compile: blocks with "
+                          "checkpointing, or model.checkpointing: none")
     if mode == "blocks_cudagraphs":
         data = cfg.data
         why = None
@@ -114,8 +119,30 @@ def compile_blocks(model: nn.Module, backend: Any, mode: str, compiler: str = "i
     blocks = list(model.blocks)
     raise_recompile_limit(len(blocks))
     for block in blocks:
-        block.compile(backend=compiler, mode=_INDUCTOR_MODE[mode])
+        _compile_block(block, compiler, _INDUCTOR_MODE[mode])
     return len(blocks)
+
+
+# What activation checkpointing recomputes, per model.checkpointing mode: these methods are
+# compiled instead of the whole block, so the checkpoint call stays eager, outside any graph.
+_RECOMPUTED = {"full": ("_forward",), "selective": ("_attn", "_dense", "_moe")}
+
+
+def _compile_block(block: nn.Module, compiler: str, inductor_mode: str | None) -> None:
+    """The whole block in place; with activation checkpointing, the parts it recomputes.
+
+    A checkpoint traced into the graph (dynamo's checkpoint operator) made Inductor fail on
+    the H100 with torch 2.11 ("Argument 'routed_E' ... does not belong to this Graph",
+    bench/results/gpu_h100/train_throughput_h100_s2.json); compiling what the checkpoint
+    calls keeps it out of the graph and the same code object still serves every block.
+    """
+    parts = _RECOMPUTED.get(getattr(block, "checkpointing", "none"), ())
+    if not parts:
+        block.compile(backend=compiler, mode=inductor_mode)
+        return
+    for name in parts:
+        if hasattr(block, name):
+            setattr(block, name, torch.compile(getattr(block, name), backend=compiler, mode=inductor_mode))
 
 
 def mark_step_begin(mode: str) -> None:
