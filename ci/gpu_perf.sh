@@ -10,13 +10,15 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 TAG=${TAG:-$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower())' 2>/dev/null || echo gpu)}
 status=0
-python3 -m pytest -m gpu -q -p no:cacheprovider tests/backends/test_cuda_kernels.py 2>&1 \
+python3 -m pytest -m gpu -q -p no:cacheprovider tests/backends/test_cuda_kernels.py \
+  tests/backends/test_cuda_loss_kernels.py tests/trainers/test_compile.py tests/core/test_ep_rows.py 2>&1 \
   | tee "$OUT/gpu_tests_$TAG.log" || status=1
 if [[ "${1:-}" == "--quick" ]]; then
   python3 bench/moe_layer.py --configs C --iters 10 --out "$OUT/moe_layer_${TAG}_quick.json" || status=1
   python3 bench/train_throughput.py --variants hf anymoe_fast --checkpointing off --steps 5 --no-profile \
     --out "$OUT/train_throughput_${TAG}_quick.json" || status=1
 else
+  python3 bench/cross_entropy.py --out "$OUT/cross_entropy_$TAG.json" || status=1
   python3 bench/moe_layer.py --out "$OUT/moe_layer_$TAG.json" 2>&1 | tee "$OUT/moe_layer_$TAG.log" || status=1
   python3 bench/train_throughput.py --out "$OUT/train_throughput_$TAG.json" 2>&1 \
     | tee "$OUT/train_throughput_$TAG.log" || status=1

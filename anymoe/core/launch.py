@@ -48,7 +48,10 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, port: int, dist_
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # nobody closes its connections while a peer still reads (gloo aborts)
+        try:  # nobody closes its connections while a peer still reads them (gloo aborts)
+            dist.barrier()
+        except RuntimeError:  # a peer failed and left: its own error is the one launch reports
+            pass
     finally:
         dist.destroy_process_group()
 
