@@ -129,8 +129,8 @@ def test_no_fp32_copy_of_the_logits(monkeypatch):
     """Forward and backward never allocate an fp32 tensor of the logits' size: the biggest fp32
     temporary is one chunk. (The reference allocates several: copy, log-softmax, gradient.)"""
     N, V, rows_per_chunk = 64, 500, 8
-    monkeypatch.setattr(losses.TORCH_OPS, "chunk_bytes", rows_per_chunk * V * 4)
     logits, labels, g = _problem(N, V, torch.bfloat16)
+    monkeypatch.setattr(losses.loss_ops_for(logits), "chunk_bytes", rows_per_chunk * V * 4)
 
     class LargestFP32(TorchDispatchMode):
         largest = 0
@@ -222,4 +222,18 @@ def test_registry_refuses_duplicates_and_unregistered_ops():
 
     with pytest.raises(ValueError, match="not registered"):
         losses.cross_entropy_sum(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), ops=Stray())
-    assert losses.loss_ops_for(torch.zeros(1)) is losses.TORCH_OPS
+    assert losses.loss_ops_for(torch.zeros(1), fast=False) is losses.TORCH_OPS
+
+
+def test_cpu_backend_registers_cache_sized_chunks():
+    """The CPU backend's ops: the same passes in 1 MiB chunks (bench/results/cross_entropy_cpu.json),
+    equal to the default ops on the same input."""
+    import anymoe.backends  # noqa: F401  (registers the built-in backends' ops)
+
+    cpu = losses.loss_ops_for(torch.zeros(1))
+    assert cpu is not losses.TORCH_OPS and cpu.chunk_bytes == 1 << 20
+    logits, labels, g = _problem(300, 4000, torch.float32)  # 5 chunks of <= 65 rows
+    a = _run(logits, labels, g, op=lambda x, y: losses.cross_entropy_sum(x, y, ops=cpu))
+    b = _run(logits, labels, g, op=lambda x, y: losses.cross_entropy_sum(x, y, ops=losses.TORCH_OPS))
+    assert float(a[0]) == pytest.approx(float(b[0]), rel=1e-6)
+    torch.testing.assert_close(a[1], b[1])
