@@ -59,7 +59,9 @@ class Distiller:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.cfg = cfg
-        self.kl_sum = 0.0  # sum of KD terms (without alpha) since the last take_kl()
+        # Sum of KD terms (without alpha) since the last take_kl(), kept on the device: one host
+        # read per step (take_kl), not one per micro-batch.
+        self.kl_sum: Tensor | float = 0.0
 
     @classmethod
     def from_config(cls, cfg: DistillConfig, device: torch.device, vocab_size: int) -> Distiller:
@@ -90,12 +92,12 @@ class Distiller:
         if a == 0:
             return ce_sum
         kd = kd_kl_sum(student_BSV, self.teacher_logits(ids_BS), labels_BS != IGNORE, self.cfg.temperature)
-        self.kl_sum += float(kd.detach())
+        self.kl_sum = self.kl_sum + kd.detach().double()
         return (1.0 - a) * ce_sum + a * kd
 
     def take_kl(self) -> float:
         out, self.kl_sum = self.kl_sum, 0.0
-        return out
+        return float(out)
 
 
 def student_kl(student: nn.Module, teacher: nn.Module, batches: list[Tensor],
