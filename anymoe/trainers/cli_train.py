@@ -26,15 +26,15 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from anymoe.core.config import ConfigError, to_dict
+from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail, fit_exit_code  # noqa: F401 (re-exported)
 
-EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
+PROG = "anymoe train"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -93,8 +93,7 @@ def preflight(cfg, world_size: int) -> None:
 
 
 def _fail(text: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"anymoe train: {text}", file=sys.stderr, flush=True)
-    return code
+    return fail(PROG, text, code)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,14 +166,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = trainer.fit()
         finished = True
-    except ConfigError as err:
-        return _fail(f"config error: {err}")
-    except CheckpointError as err:
-        return _fail(str(err))
-    except TrainingStopped:
-        return EXIT_STOPPED
-    except KeyboardInterrupt:
-        return _fail("interrupted; resume with --resume", EXIT_INTERRUPTED)
+    except (ConfigError, CheckpointError, TrainingStopped, KeyboardInterrupt) as err:
+        return fit_exit_code(PROG, err)
     finally:
         shutdown(wait_for_peers=finished)
     if env.is_main:

@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 from anymoe.core.config import ConfigError, to_dict
+from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail, fit_exit_code  # noqa: F401 (re-exported)
 
-EXIT_BAD_INPUT, EXIT_STOPPED = 2, 3
+PROG = "anymoe parity run"
 PROBE_TOKENS = 32  # tokens of the routing probe (one held-out sequence, cut to this length)
 
 
@@ -51,8 +52,7 @@ class _StopAt(Exception):
 
 
 def _fail(text: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"anymoe parity run: {text}", file=sys.stderr, flush=True)
-    return code
+    return fail(PROG, text, code)
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -317,12 +317,8 @@ def _run_here(args: argparse.Namespace, cfg, items: list[str], run_dir: Path) ->
         trainer.fit()
         meta = curve_meta(args, cfg, backend, env, groups, items)
         finished = True
-    except ConfigError as err:
-        return _fail(f"config error: {err}")
-    except CheckpointError as err:
-        return _fail(str(err))
-    except TrainingStopped:
-        return EXIT_STOPPED
+    except (ConfigError, CheckpointError, TrainingStopped) as err:  # Ctrl-C: the traceback (no resume)
+        return fit_exit_code(PROG, err)
     finally:
         shutdown(wait_for_peers=finished)
     if env.is_main:

@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 from anymoe.core.config import ConfigError, to_dict
+from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail, fit_exit_code  # noqa: F401 (re-exported)
 from anymoe.trainers.rlhf.config import ALGORITHMS
 
-EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 3, 130
+PROG = "anymoe rlhf"
 
 
 def trainer_class(algo: str):
@@ -60,8 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(text: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"anymoe rlhf: {text}", file=sys.stderr, flush=True)
-    return code
+    return fail(PROG, text, code)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -104,14 +103,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         summary = trainer.fit()
-    except ConfigError as err:
-        return _fail(f"config error: {err}")
-    except CheckpointError as err:
-        return _fail(str(err))
-    except TrainingStopped:
-        return EXIT_STOPPED
-    except KeyboardInterrupt:
-        return _fail("interrupted; resume with --resume", EXIT_INTERRUPTED)
+    except (ConfigError, CheckpointError, TrainingStopped, KeyboardInterrupt) as err:
+        return fit_exit_code(PROG, err)
     keys = ("loss", "reward_mean", "eval_reward", "eval_exact", "accuracy", "eval_accuracy", "margin",
             "eval_margin", "kl", "routing_agreement")
     info = {"algorithm": args.algorithm, "backend": backend.name, "steps": trainer.step,
