@@ -107,6 +107,11 @@ class Backend(ABC):
         the device; CUDA graphs ("blocks_cudagraphs") are only where a backend adds them."""
         return ("none", "blocks")
 
+    def preferred_compile_modes(self) -> tuple[str, ...]:
+        """What ``train.compile: auto`` tries, best first; the first one the run's config allows
+        is taken. Base: eager (compiling pays back only where a measurement says so)."""
+        return ("none",)
+
     def traceable_grouped_mm(self) -> GroupedMM:
         """The experts' grouped matmul inside compiled blocks: one the tracer takes whole (no
         host read, no dtype probe), so a block stays one graph. Base: ``grouped_mm``."""

@@ -40,45 +40,68 @@ from torch import nn
 from anymoe.core.config import ConfigError
 from anymoe.core.experts import Experts
 
-COMPILE_MODES = ("none", "blocks", "blocks_cudagraphs")
+COMPILE_MODES = ("none", "blocks", "blocks_cudagraphs")  # and "auto": resolve_compile_mode
 _INDUCTOR_MODE = {"blocks": None, "blocks_cudagraphs": "reduce-overhead"}
 # Graphs one block code object may need: dense/MoE x train/eval x grad/no-grad, with room for
 # one shape change (the short last eval batch).
 _GRAPHS_PER_BLOCK = 8
 
 
+def resolve_compile_mode(cfg: Any, backend: Any) -> str:
+    """The mode a run uses: ``train.compile`` itself, or for "auto" the first of the backend's
+    ``preferred_compile_modes()`` that it runs and this config allows (so one config file
+    compiles where that pays and stays eager elsewhere)."""
+    mode = cfg.train.compile
+    if mode != "auto":
+        return mode
+    runs = set(backend.compile_modes())
+    for candidate in backend.preferred_compile_modes():
+        if candidate in runs and compile_refusal(cfg, candidate) is None:
+            return candidate
+    return "none"
+
+
 def check_compile_config(cfg: Any) -> None:
     """Combinations of ``train.compile`` with the rest of a RunConfig that cannot work.
 
     Raises ConfigError naming ``train.compile`` and the fix. The backend's own answer (which
-    modes it runs) is checked at build time by :func:`check_backend`."""
+    modes it runs) is checked at build time by :func:`check_backend`; "auto" only picks modes
+    this allows."""
     mode = cfg.train.compile
-    if mode == "none":
+    if mode in ("none", "auto"):
         return
+    why = compile_refusal(cfg, mode)
+    if why is not None:
+        raise ConfigError("train.compile", why)
+
+
+def compile_refusal(cfg: Any, mode: str) -> str | None:
+    """Why ``mode`` cannot run with this config (the error text, naming the fix), or None."""
+    if mode == "none":
+        return None
     if cfg.engine == "deepspeed":
-        raise ConfigError("train.compile", f"{mode!r} is not combined with engine: deepspeed (its engine "
-                          "wraps the model and hooks the parameters itself); set train.compile: none, "
-                          "or engine: native")
+        return (f"{mode!r} is not combined with engine: deepspeed (its engine wraps the model and hooks "
+                "the parameters itself); set train.compile: none, or engine: native")
     if cfg.ep > 1:
-        raise ConfigError("train.compile", f"{mode!r} does not run with expert parallelism (parallel.ep "
-                          f"= {cfg.ep}): the all-to-all dispatch reads its split sizes on the host inside "
-                          "every MoE block; set train.compile: none, or parallel.ep: 1")
-    if mode == "blocks_cudagraphs" and cfg.model.checkpointing != "none":
-        raise ConfigError("train.compile", f"blocks_cudagraphs is not combined with model.checkpointing "
-                          f"{cfg.model.checkpointing!r} (a recompute during backward would replay a forward "
-                          "graph whose outputs the backward still reads); use train.compile: blocks with "
-                          "checkpointing, or model.checkpointing: none")
-    if mode == "blocks_cudagraphs":
-        data = cfg.data
-        why = None
-        if data.format == "sft":
-            why = "data.format sft pads each batch to its longest row"
-        elif not data.packing:
-            why = "data.packing false pads each batch to its longest document"
-        if why is not None:
-            raise ConfigError("train.compile", f"blocks_cudagraphs replays fixed shapes, but {why}; use "
-                              "packed fixed-length rows (data.packing: true, format text/jsonl/synthetic) "
-                              "or train.compile: blocks")
+        return (f"{mode!r} does not run with expert parallelism (parallel.ep = {cfg.ep}): the all-to-all "
+                "dispatch reads its split sizes on the host inside every MoE block; set train.compile: "
+                "none, or parallel.ep: 1")
+    if mode != "blocks_cudagraphs":
+        return None
+    if cfg.model.checkpointing != "none":
+        return (f"blocks_cudagraphs is not combined with model.checkpointing {cfg.model.checkpointing!r} "
+                "(a recompute during backward would replay a forward graph whose outputs the backward "
+                "still reads); use train.compile: blocks with checkpointing, or model.checkpointing: none")
+    data = cfg.data
+    why = None
+    if data.format == "sft":
+        why = "data.format sft pads each batch to its longest row"
+    elif not data.packing:
+        why = "data.packing false pads each batch to its longest document"
+    if why is not None:
+        return (f"blocks_cudagraphs replays fixed shapes, but {why}; use packed fixed-length rows "
+                "(data.packing: true, format text/jsonl/synthetic) or train.compile: blocks")
+    return None
 
 
 def check_backend(mode: str, backend: Any) -> None:

@@ -49,8 +49,10 @@ class TrainConfig:
     deterministic: bool = param(True, doc="deterministic algorithms where the backend has them")
     host_threads: int | None = param(None, ge=1, doc="intra-op CPU threads per process (null: "
                                                       "OMP_NUM_THREADS, else torch's default)")
-    compile: Literal["none", "blocks", "blocks_cudagraphs"] = param(
-        "none", doc="none: eager; blocks: torch.compile each decoder block separately (regional: one "
+    compile: Literal["none", "auto", "blocks", "blocks_cudagraphs"] = param(
+        "none", doc="none: eager; auto: the backend's preferred mode that this config allows (CUDA: "
+                    "blocks_cudagraphs, else blocks, else none; CPU and NPU: none); blocks: "
+                    "torch.compile each decoder block separately (regional: one "
                     "graph reused by every block, short compile); blocks_cudagraphs: the same with mode "
                     "reduce-overhead (CUDA graphs, no launch gaps; needs fixed shapes: packed data.seq_len "
                     "rows). Which modes run depends on the backend (anymoe.trainers.compile)")

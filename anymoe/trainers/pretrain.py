@@ -37,7 +37,13 @@ from torch import Tensor
 from anymoe.core.config import ConfigError, to_dict
 from anymoe.core.losses import cross_entropy_sum
 from anymoe.trainers.checkpoint import canonical_optim_state, load_canonical_optim_state, write_bytes_atomic
-from anymoe.trainers.compile import check_backend, compile_blocks, mark_step_begin, own_block_grads
+from anymoe.trainers.compile import (
+    check_backend,
+    compile_blocks,
+    mark_step_begin,
+    own_block_grads,
+    resolve_compile_mode,
+)
 from anymoe.trainers.config import RunConfig
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import LoopSettings, StepOutput, Trainer
@@ -145,7 +151,7 @@ class PretrainTrainer(Trainer):
         from anymoe.models.transformer import MoETransformer
 
         self.device = backend.device(self.dist.local_rank)
-        self.compile_mode = cfg.train.compile
+        self.compile_mode = resolve_compile_mode(cfg, backend)  # "auto": the backend's pick
         check_backend(self.compile_mode, backend)  # before any work: the backend says what it runs
         if cfg.train.host_threads is not None and "OMP_NUM_THREADS" not in os.environ:
             # Small models: one thread per process beats two on a shared 2-core host by 15x

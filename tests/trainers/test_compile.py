@@ -351,3 +351,36 @@ def test_micro_batches_add_no_host_reads(tmp_path):
     _cuda_or_skip()
     two, six = _host_syncs_of_one_step(tmp_path, 2), _host_syncs_of_one_step(tmp_path, 6)
     assert six - two <= 2 * 4, (two, six)
+
+
+# ------------------------------------------------------------------ auto
+
+
+def _resolved(backend_name, **changes):
+    from anymoe.core.backend import create_backend
+    from anymoe.trainers.compile import resolve_compile_mode
+
+    data = _cfg(compile="auto")
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return resolve_compile_mode(config_from_data(data), create_backend(backend_name))
+
+
+def test_auto_takes_the_backends_best_mode_that_the_config_allows():
+    """One config file: CUDA graphs where the backend prefers them and shapes are fixed, plain
+    blocks where they are not, eager where compiling does not pay (CPU) or is not proven (NPU).
+    The CUDA and NPU backend objects answer without their devices (create_backend: unchecked)."""
+    assert _resolved("cuda") == "blocks_cudagraphs"
+    assert _resolved("cuda", data=dict(SFT)) == "blocks"
+    assert _resolved("cuda", model={"checkpointing": "full"}) == "blocks"
+    assert _resolved("cuda", parallel={"ep": 2}) == "none"
+    assert _resolved("cpu") == "none"
+    assert _resolved("npu") == "none"
+
+
+def test_auto_on_the_cpu_trains_eager(tmp_path):
+    cfg = _write(tmp_path)
+    eager = _run(cfg, tmp_path / "eager")
+    auto = _run(cfg, tmp_path / "auto", "--set", "train.compile=auto")
+    _assert_same_run(eager, auto, rel=0)
+    assert not counters["stats"]["unique_graphs"]  # nothing was compiled
