@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anymoe.core.dispatch import DispatchMeta
+from anymoe.core.op_registry import OpRegistry
 
 GroupedMM = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -149,22 +150,18 @@ def _acc(t: Tensor) -> torch.dtype:
 
 
 TORCH_OPS = DispatchOps()
-_OPS: dict[str, DispatchOps] = {}  # device type -> fastest ops
 # Autograd functions carry the ops by name (a string constant traces cleanly under torch.compile).
-_BY_NAME: dict[str, DispatchOps] = {TORCH_OPS.name: TORCH_OPS}
+_REGISTRY: OpRegistry[DispatchOps] = OpRegistry("dispatch", TORCH_OPS)
 
 
 def register_dispatch_ops(device_type: str, ops: DispatchOps) -> None:
     """A backend's faster kernels for tensors of ``device_type`` (one registration each)."""
-    if device_type in _OPS and _OPS[device_type] is not ops:
-        raise ValueError(f"dispatch ops for device type {device_type!r} are registered twice")
-    _OPS[device_type] = ops
-    _BY_NAME[ops.name] = ops
+    _REGISTRY.register(device_type, ops)
 
 
 def dispatch_ops_for(x: Tensor, fast: bool = True) -> DispatchOps:
     """The registered kernels for x's device, or the pure-torch ops."""
-    return _OPS.get(x.device.type, TORCH_OPS) if fast else TORCH_OPS
+    return _REGISTRY.for_tensor(x, fast)
 
 
 class _Permute(torch.autograd.Function):
@@ -172,12 +169,12 @@ class _Permute(torch.autograd.Function):
     def forward(ctx, x_TD, src_token_R, sorted_pos_TK, ops_name):
         ctx.save_for_backward(sorted_pos_TK)
         ctx.ops_name = ops_name
-        return _BY_NAME[ops_name].gather_rows(x_TD, src_token_R)
+        return _REGISTRY.named(ops_name).gather_rows(x_TD, src_token_R)
 
     @staticmethod
     def backward(ctx, g_RD):
         (sorted_pos_TK,) = ctx.saved_tensors
-        return _BY_NAME[ctx.ops_name].gather_sum(g_RD.contiguous(), sorted_pos_TK), None, None, None
+        return _REGISTRY.named(ctx.ops_name).gather_sum(g_RD.contiguous(), sorted_pos_TK), None, None, None
 
 
 class _UnpermuteSum(torch.autograd.Function):
@@ -185,12 +182,12 @@ class _UnpermuteSum(torch.autograd.Function):
     def forward(ctx, y_RD, src_token_R, sorted_pos_TK, ops_name):
         ctx.save_for_backward(src_token_R)
         ctx.ops_name = ops_name
-        return _BY_NAME[ops_name].gather_sum(y_RD, sorted_pos_TK)
+        return _REGISTRY.named(ops_name).gather_sum(y_RD, sorted_pos_TK)
 
     @staticmethod
     def backward(ctx, g_TD):
         (src_token_R,) = ctx.saved_tensors
-        return _BY_NAME[ctx.ops_name].gather_rows(g_TD.contiguous(), src_token_R), None, None, None
+        return _REGISTRY.named(ctx.ops_name).gather_rows(g_TD.contiguous(), src_token_R), None, None, None
 
 
 class _SwiGLUWeighted(torch.autograd.Function):
@@ -198,12 +195,12 @@ class _SwiGLUWeighted(torch.autograd.Function):
     def forward(ctx, h_R2F, w_R, ops_name):
         ctx.save_for_backward(h_R2F, w_R)
         ctx.ops_name = ops_name
-        return _BY_NAME[ops_name].swiglu_fwd(h_R2F, w_R)
+        return _REGISTRY.named(ops_name).swiglu_fwd(h_R2F, w_R)
 
     @staticmethod
     def backward(ctx, g_RF):
         h_R2F, w_R = ctx.saved_tensors
-        dh, dw = _BY_NAME[ctx.ops_name].swiglu_bwd(h_R2F, w_R, g_RF.contiguous())
+        dh, dw = _REGISTRY.named(ctx.ops_name).swiglu_bwd(h_R2F, w_R, g_RF.contiguous())
         return dh, None if dw is None else dw.to(w_R.dtype), None
 
 
@@ -212,12 +209,12 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_RD, sorted_pos_TK, w_TK, ops_name):
         ctx.save_for_backward(y_RD, sorted_pos_TK, w_TK)
         ctx.ops_name = ops_name
-        return _BY_NAME[ops_name].combine_fwd(y_RD, sorted_pos_TK, w_TK)
+        return _REGISTRY.named(ops_name).combine_fwd(y_RD, sorted_pos_TK, w_TK)
 
     @staticmethod
     def backward(ctx, g_TD):
         y_RD, sorted_pos_TK, w_TK = ctx.saved_tensors
-        dy, dw = _BY_NAME[ctx.ops_name].combine_bwd(y_RD, sorted_pos_TK, w_TK, g_TD.contiguous())
+        dy, dw = _REGISTRY.named(ctx.ops_name).combine_bwd(y_RD, sorted_pos_TK, w_TK, g_TD.contiguous())
         return dy, None, dw.to(w_TK.dtype), None
 
 

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from anymoe.core.op_registry import OpRegistry
+
 
 class LossOps:
     """The two passes of the fused cross-entropy in plain torch (runs on every device).
@@ -116,24 +118,18 @@ def _acc(t: Tensor) -> torch.dtype:
 
 
 TORCH_OPS = LossOps()
-_OPS: dict[str, LossOps] = {}  # device type -> fastest ops
 # The autograd function carries the ops by name (a string constant traces cleanly under torch.compile).
-_BY_NAME: dict[str, LossOps] = {TORCH_OPS.name: TORCH_OPS}
+_REGISTRY: OpRegistry[LossOps] = OpRegistry("loss", TORCH_OPS)
 
 
 def register_loss_ops(device_type: str, ops: LossOps) -> None:
     """A backend's faster kernels for tensors of ``device_type`` (one registration each)."""
-    if device_type in _OPS and _OPS[device_type] is not ops:
-        raise ValueError(f"loss ops for device type {device_type!r} are registered twice")
-    if _BY_NAME.get(ops.name, ops) is not ops:
-        raise ValueError(f"loss ops named {ops.name!r} are registered twice; give the class a new name")
-    _OPS[device_type] = ops
-    _BY_NAME[ops.name] = ops
+    _REGISTRY.register(device_type, ops)
 
 
 def loss_ops_for(x: Tensor, fast: bool = True) -> LossOps:
     """The registered kernels for x's device, or the pure-torch ops."""
-    return _OPS.get(x.device.type, TORCH_OPS) if fast else TORCH_OPS
+    return _REGISTRY.for_tensor(x, fast)
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -141,7 +137,7 @@ class _CrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_NV, labels_N, ignore_index, ops_name):
-        loss_N, lse_N = _BY_NAME[ops_name].ce_fwd(logits_NV, labels_N, ignore_index)
+        loss_N, lse_N = _REGISTRY.named(ops_name).ce_fwd(logits_NV, labels_N, ignore_index)
         ctx.save_for_backward(logits_NV, labels_N, lse_N)
         ctx.ignore_index = ignore_index
         ctx.ops_name = ops_name
@@ -151,7 +147,7 @@ class _CrossEntropySum(torch.autograd.Function):
     def backward(ctx, g):
         logits_NV, labels_N, lse_N = ctx.saved_tensors
         g_N = g.to(lse_N.dtype).expand(labels_N.shape[0])  # reduction "sum": every row gets g
-        grad = _BY_NAME[ctx.ops_name].ce_bwd(logits_NV, labels_N, lse_N, g_N, ctx.ignore_index)
+        grad = _REGISTRY.named(ctx.ops_name).ce_bwd(logits_NV, labels_N, lse_N, g_N, ctx.ignore_index)
         return grad, None, None, None
 
 
@@ -175,6 +171,6 @@ def cross_entropy_sum(logits_NV: Tensor, labels_N: Tensor, ignore_index: int = -
         raise ValueError(f"cross_entropy_sum: labels must be class indices (int64, int32), "
                          f"got {labels_N.dtype}")
     ops = ops or loss_ops_for(logits_NV)
-    if _BY_NAME.get(ops.name) is not ops:
+    if not _REGISTRY.is_registered(ops):
         raise ValueError(f"loss ops {ops.name!r} are not registered (register_loss_ops)")
     return _CrossEntropySum.apply(logits_NV, labels_N, ignore_index, ops.name)

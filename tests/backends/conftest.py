@@ -5,6 +5,7 @@ run deselects them; ci/gpu_conformance.sh runs with ``-m 'not slow'`` to include
 """
 
 import pytest
+import torch
 
 from anymoe.core.backend import create_backend, probe_backends
 
@@ -26,3 +27,15 @@ def backend(request):
     b = create_backend(request.param)
     yield b
     b.set_deterministic(False)
+
+
+@pytest.fixture
+def poison_empty():
+    """Fill every torch.empty with NaN, so an element a kernel forgets to write fails the check."""
+    old = torch.utils.deterministic.fill_uninitialized_memory
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = old
+    torch.use_deterministic_algorithms(was)

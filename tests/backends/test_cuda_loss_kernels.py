@@ -34,18 +34,6 @@ def on_gpu(test):
     return pytest.mark.gpu(test)
 
 
-@pytest.fixture
-def poison_empty():
-    """Fill every torch.empty with NaN, so an element a kernel forgets to write fails the check."""
-    old = torch.utils.deterministic.fill_uninitialized_memory
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.utils.deterministic.fill_uninitialized_memory = old
-    torch.use_deterministic_algorithms(was)
-
-
 def _problem(N, V, dtype, ignored=0.3, seed=0, device=DEV):
     gen = torch.Generator().manual_seed(seed * 7919 + N * 31 + V)
     logits = (torch.randn(N, V, generator=gen, dtype=torch.float64) * 3).to(dtype)
