@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from anymoe.core.losses import cross_entropy_sum
 from anymoe.trainers.checkpoint import CheckpointError
 from anymoe.trainers.loop import StepOutput, TrainingStopped
-from anymoe.trainers.metrics import router_entropy
 from anymoe.trainers.pretrain import IGNORE, PretrainTrainer
+from anymoe.trainers.step_stats import MicroBatchStats
 
 # ZeRO optimizer state keys that are plain data (tensors, numbers, lists, dicts, strings); the
 # rest (a loss-scaler object) is rebuilt by DeepSpeed from the config and not saved.
@@ -86,19 +85,18 @@ class DeepSpeedPretrainTrainer(PretrainTrainer):
         n_local = sum(int((labels != IGNORE).sum()) for _, labels in batches)
         n_tokens = self._dp_sum(torch.tensor([float(n_local)], dtype=torch.float64)).item()
         scale = self.dp_size / max(n_tokens, 1.0)
-        ce_sum = torch.zeros((), dtype=torch.float64)
-        stats = _MicroStats(self.accum)
+        stats = MicroBatchStats(self.accum)  # on the device; one host read after the micro-batches
         distiller = getattr(self, "distiller", None)
         for i, (ids, labels) in enumerate(batches):
             out = eng(ids, return_aux=True)
             ce = cross_entropy_sum(out.logits.view(-1, out.logits.shape[-1]), labels.view(-1), IGNORE)
+            stats.add(ce, out)
             lm = ce if distiller is None else distiller.mix(ce, ids, labels, out.logits)
             eng.backward(lm * scale + out.aux_loss / self.accum, scale_wrt_gas=False)
-            ce_sum += ce.detach().double().cpu()
-            stats.add(out)
             if i < len(batches) - 1:
                 eng.step()  # not a boundary: DeepSpeed only counts the micro-step
-        loss_value = self._dp_sum(ce_sum.clone()).item() / max(n_tokens, 1.0)
+        read = stats.read()
+        loss_value = self._dp_sum(read.ce_sum.clone()).item() / max(n_tokens, 1.0)
         if not math.isfinite(loss_value):
             raise TrainingStopped(f"non-finite loss at step {step + 1} under engine: deepspeed (it cannot "
                                   "skip a step); the newest checkpoint is the last good state; lower "
@@ -107,13 +105,13 @@ class DeepSpeedPretrainTrainer(PretrainTrainer):
         norm = eng.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         self.model.update_router_biases()
-        aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(stats.aux).items()}
-        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": stats.aux_total, **aux_means}
+        aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(read.aux_sums).items()}
+        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": read.aux_total, **aux_means}
         if distiller is not None:
             kl = self._dp_sum(torch.tensor([distiller.take_kl()], dtype=torch.float64)).item()
             metrics["distill/kd"] = kl / max(n_tokens, 1.0)
-        if stats.loads is not None:
-            metrics["layers"] = self._layer_stats(stats.loads, stats.extra)
+        if read.layer_loads is not None:
+            metrics["layers"] = self._layer_stats(read.layer_loads, read.layer_extra)
         return StepOutput(loss=loss_value, tokens=int(n_tokens), metrics=metrics)
 
     # ------------------------------------------------------------------ checkpoints
@@ -156,30 +154,6 @@ class DeepSpeedPretrainTrainer(PretrainTrainer):
     def checkpoint_meta(self) -> dict[str, Any]:
         return {**super().checkpoint_meta(), "engine": "deepspeed",
                 "zero_stage": self.ds_config["zero_optimization"]["stage"]}
-
-
-class _MicroStats:
-    """Per-step sums of the MoE statistics over micro-batches (what PretrainTrainer logs)."""
-
-    def __init__(self, accum: int) -> None:
-        self.accum = accum
-        self.aux: dict[str, float] = {}
-        self.aux_total = 0.0
-        self.loads: list[Tensor] | None = None
-        self.extra: list[dict[str, float]] = []
-
-    def add(self, out) -> None:
-        self.aux_total += float(out.aux_loss.detach()) / self.accum
-        for i, aux in enumerate(out.moe_aux):
-            for name, value in aux.losses.items():
-                self.aux[name] = self.aux.get(name, 0.0) + float(value.detach()) / self.accum
-            load = aux.tokens_per_expert.detach().double().cpu()
-            if self.loads is None:
-                self.loads = [torch.zeros_like(load) for _ in out.moe_aux]
-                self.extra = [{"entropy": 0.0, "dropped": 0.0} for _ in out.moe_aux]
-            self.loads[i] += load
-            self.extra[i]["entropy"] += router_entropy(aux.router_probs) / self.accum
-            self.extra[i]["dropped"] += float(aux.dropped)
 
 
 __all__ = ["DeepSpeedPretrainTrainer"]
