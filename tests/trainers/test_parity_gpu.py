@@ -5,11 +5,10 @@ and plots for bench/results/parity/."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
-import torch
+from determinism import restore_determinism
 
 from anymoe.cli import main
 from anymoe.core.backend import BackendUnavailable, get_backend
@@ -28,21 +27,11 @@ def _cuda_or_skip():
         pytest.skip(f"needs a usable CUDA backend: {err}")
 
 
-@contextlib.contextmanager
-def _restore_determinism():
-    before = torch.are_deterministic_algorithms_enabled()
-    warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn)
-
-
 @pytest.mark.gpu
 def test_cpu_fp32_vs_cuda_fp32_within_1e_3(tmp_path, capsys):
     _cuda_or_skip()
     paths = {}
-    with _restore_determinism():
+    with restore_determinism():
         for backend in ("cpu", "cuda"):
             paths[backend] = tmp_path / f"{backend}.jsonl"
             code = main(["parity", "run", CONFIG, "--backend", backend, "--steps", str(STEPS),

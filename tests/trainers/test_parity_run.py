@@ -15,12 +15,12 @@ are in bench/results/parity/. Every curve is made once per module (one fixture).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from determinism import restore_determinism
 
 from anymoe.cli import main
 from anymoe.trainers.curves import compare, read_curve
@@ -41,21 +41,10 @@ def _run(out: Path, *extra: str) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _restore_determinism():
-    """Parity mode turns deterministic algorithms on in this process; leave it as it was."""
-    before = torch.are_deterministic_algorithms_enabled()
-    warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn)
-
-
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     d = tmp_path_factory.mktemp("parity")
-    with _restore_determinism():
+    with restore_determinism():
         out = {
             "ref": _run(d / "ref.jsonl"),
             "pow2": _run(d / "pow2.jsonl", "--sizing", "pow2"),
@@ -98,7 +87,7 @@ def test_curve_file_has_meta_losses_loads_and_routing(curves):
 def test_probe_does_not_change_training(curves, tmp_path):
     """The routing probe runs in eval mode after each step: a plain `anymoe train` of the same
     config gives bitwise the same losses and grad norms."""
-    with _restore_determinism():
+    with restore_determinism():
         code = main(["train", CONFIG, "--backend", "cpu", "--steps", str(STEPS),
                      "--out", str(tmp_path / "run"), "--set", "logging.progress=false"])
     assert code == 0
@@ -207,7 +196,7 @@ def test_cpu_reference_curve_reproduces(tmp_path, capsys):
     if not ref.is_file():
         pytest.skip(f"{ref} not committed yet")
     out = tmp_path / "cpu_fp32.jsonl"
-    with _restore_determinism():
+    with restore_determinism():
         assert main(["parity", "run", CONFIG, "--backend", "cpu", "--out", str(out)]) == 0
     code, table = _compare(capsys, 1e-5, ref, out)
     assert code == 0, table
