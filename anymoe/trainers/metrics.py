@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anymoe.trainers.step_stats import entropy_on_device
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
 
@@ -39,8 +41,8 @@ def load_stats(tokens_per_expert_E: Tensor) -> dict[str, Any]:
 
 
 def router_entropy(router_probs_TE: Tensor) -> float:
-    p = router_probs_TE.detach().double().clamp_min(1e-30)
-    return float(-(p * p.log()).sum(-1).mean().item()) if p.numel() else 0.0
+    """Mean over tokens of -sum p log p (nats), read to the host."""
+    return float(entropy_on_device(router_probs_TE))
 
 
 def _finite(x: Any) -> Any:

@@ -25,8 +25,8 @@ from torch import Tensor
 
 
 def entropy_on_device(router_probs_TE: Tensor) -> Tensor:
-    """Mean over tokens of -sum p log p (nats) as a float64 device scalar; the same expression
-    as anymoe.trainers.metrics.router_entropy, without its host read."""
+    """Mean over tokens of -sum p log p (nats) as a float64 device scalar (no host read;
+    anymoe.trainers.metrics.router_entropy is this, read to the host)."""
     p = router_probs_TE.detach().double().clamp_min(1e-30)
     if not p.numel():
         return p.new_zeros(())
