@@ -8,8 +8,9 @@ probed once; a dtype the op refuses goes through the per-expert loop, which read
 counts on the host (one sync per call) but is correct everywhere.
 
 Compiled blocks (``train.compile``): "blocks" and "blocks_cudagraphs" (mode "reduce-overhead":
-each block's graph replayed as a CUDA graph, no launch gaps; bench/results/train_throughput_h100_r6.json:
-0.088 s per 1.3B MoE step vs 0.133 s eager). Their experts call ``torch._grouped_mm`` directly
+each block's graph replayed as a CUDA graph, no launch gaps;
+bench/results/gpu_h100/session2/train_throughput_h100_s2.json: 0.081 s per 1.3B MoE step vs
+0.123 s eager). Their experts call ``torch._grouped_mm`` directly
 in bf16 (``traceable_grouped_mm``), so a block is one graph.
 
 Peak FLOP/s are datasheet dense (no sparsity) numbers per device name, for MFU.

@@ -25,8 +25,9 @@ What :func:`compile_blocks` does, in order:
 3. ``block.compile(...)`` in place: the module tree and its ``state_dict`` keys do not change
    (no ``_orig_mod.`` prefix), so checkpoints move between compiled and eager runs.
 
-Measured (bench/results/train_throughput_h100_r6.json, 1.3B MoE, H100): 0.133 s per step
-eager, 0.088 s with ``blocks_cudagraphs``. On the CPU (bench/results/cpu_accel.json) the tiny
+Measured (bench/results/gpu_h100/session2/train_throughput_h100_s2.json, 1.3B MoE, H100,
+this function as the trainer calls it): 0.123 s per step eager, 0.081 s with
+``blocks_cudagraphs``. On the CPU (bench/results/cpu_accel.json) the tiny
 preset is 1.3x faster after a ~75 s compile, the small one not at all.
 """
 
