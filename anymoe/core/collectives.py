@@ -195,13 +195,18 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))], dim=0)
 
 
-def _gather_uneven(x: Tensor, group: Group, sizes: Sequence[int]) -> Tensor:
+def _trim_uneven(padded: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Each rank's first ``sizes[r]`` of its ``max(sizes)`` gathered rows, concatenated."""
     biggest = max(sizes)
-    padded = _ops(group).all_gather_equal(_pad_rows(x, biggest), group)
     if all(s == biggest for s in sizes):
         return padded
     pieces = padded.split(biggest, dim=0)
     return torch.cat([p[:s] for p, s in zip(pieces, sizes)], dim=0)
+
+
+def _gather_uneven(x: Tensor, group: Group, sizes: Sequence[int]) -> Tensor:
+    padded = _ops(group).all_gather_equal(_pad_rows(x, max(sizes)), group)
+    return _trim_uneven(padded, sizes)
 
 
 def _scatter_uneven(x: Tensor, group: Group, sizes: Sequence[int]) -> Tensor:
@@ -451,11 +456,8 @@ class PendingAllGather(PendingAllToAll):
 
     def wait(self) -> Tensor:
         if self._done is None:
-            padded = super().wait()
-            biggest = max(self.sizes)
-            if any(s != biggest for s in self.sizes):  # differentiable trim (backward pads with 0)
-                pieces = padded.split(biggest, dim=0)
-                self._done = torch.cat([p[:s] for p, s in zip(pieces, self.sizes)], dim=0)
+            # A differentiable trim (its backward pads with 0).
+            self._done = _trim_uneven(super().wait(), self.sizes)
         return self._done
 
 
