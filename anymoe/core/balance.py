@@ -37,6 +37,7 @@ from torch import Tensor
 from anymoe.core import collectives
 from anymoe.core.collectives import Group
 from anymoe.core.config import ConfigError, param
+from anymoe.core.dispatch_fast import dispatch_ops_for
 
 LOSS_NAMES = ("aux_loss", "seq_aux_loss", "ep_group_loss", "z_loss")
 
@@ -76,19 +77,18 @@ def all_reduce_sum(t: Tensor, group: object | None) -> Tensor:
 
 
 def expert_counts(ids_TK: Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Routed (token, slot) pairs per expert, [E]; ids < 0 (dropped) are not counted. No host sync."""
-    flat = ids_TK.reshape(-1)
-    flat = torch.where(flat < 0, num_experts, flat)
-    counts = torch.zeros(num_experts + 1, dtype=dtype, device=ids_TK.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=dtype))
-    return counts[:num_experts]
+    """Routed (token, slot) pairs per expert, [E]; ids < 0 (dropped) are not counted. No host
+    sync; the backend's histogram kernel where it registers one (dispatch_fast.DispatchOps)."""
+    return dispatch_ops_for(ids_TK).expert_counts(ids_TK.reshape(-1), num_experts).to(dtype)
 
 
-def aux_loss(probs_TE: Tensor, ids_TK: Tensor, group: object | None = None) -> Tensor:
-    """Switch eq. 4: E * sum_i (count_i / (T K)) * mean_t p_ti. ``group``: global-batch counts."""
+def aux_loss(probs_TE: Tensor, ids_TK: Tensor, group: object | None = None,
+             counts_E: Tensor | None = None) -> Tensor:
+    """Switch eq. 4: E * sum_i (count_i / (T K)) * mean_t p_ti. ``group``: global-batch counts.
+    ``counts_E``: this rank's expert_counts(ids_TK) when the caller has them already."""
     T, E = probs_TE.shape
     K = ids_TK.shape[1]
-    counts = expert_counts(ids_TK, E, probs_TE.dtype)
+    counts = expert_counts(ids_TK, E, probs_TE.dtype) if counts_E is None else counts_E.to(probs_TE.dtype)
     total = torch.full((), float(T * K), dtype=probs_TE.dtype, device=probs_TE.device)  # no host copy
     if group is not None:
         counts, total = all_reduce_sum(counts, group), all_reduce_sum(total, group)
@@ -150,11 +150,12 @@ def aux_free_update(bias_E: Tensor, load_E: Tensor, rate: float) -> None:
 
 def balance_losses(cfg: BalanceConfig, probs_TE: Tensor, logits_TE: Tensor | None, ids_TK: Tensor,
                    batch: tuple[int, int], dp_group: object | None = None, ep_group: object | None = None,
-                   num_ep_groups: int = 1) -> dict[str, Tensor]:
-    """The enabled losses (coefficient > 0), unweighted, named; ``batch`` is (B, S) with T = B*S."""
+                   num_ep_groups: int = 1, counts_E: Tensor | None = None) -> dict[str, Tensor]:
+    """The enabled losses (coefficient > 0), unweighted, named; ``batch`` is (B, S) with T = B*S.
+    ``counts_E``: expert_counts(ids_TK) if the caller has them (one histogram per layer)."""
     out: dict[str, Tensor] = {}
     if cfg.aux_loss > 0:
-        out["aux_loss"] = aux_loss(probs_TE, ids_TK, dp_group if cfg.global_batch else None)
+        out["aux_loss"] = aux_loss(probs_TE, ids_TK, dp_group if cfg.global_batch else None, counts_E)
     if cfg.seq_aux_loss > 0:
         B, S = batch
         out["seq_aux_loss"] = seq_aux_loss(probs_TE.view(B, S, -1), ids_TK.view(B, S, -1))

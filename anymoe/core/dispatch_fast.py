@@ -88,16 +88,23 @@ def build_route_index(expert_ids_TK: Tensor, num_experts: int) -> RouteIndex:
 
 
 class DispatchOps:
-    """The three memory-bound kernels of the fast path, in plain torch (runs everywhere).
+    """The memory-bound kernels of the fast path (and the expert histogram), in plain torch.
 
     A backend subclasses this with device kernels and registers it for its device type.
-    Shapes: gather_rows(x [N, D], idx [R]) -> [R, D]; gather_sum(y [R, D], idx [T, K]) ->
-    [T, D]; swiglu_fwd(h [R, 2F], w [R] or None) -> [R, F]; swiglu_bwd(h, w, g [R, F]) ->
-    (dh [R, 2F], dw [R] fp32 or None); combine_fwd(y [R, D], idx [T, K], w [T, K]) -> [T, D];
+    Shapes: expert_counts(ids [N], E) -> [E] int64; gather_rows(x [N, D], idx [R]) -> [R, D];
+    gather_sum(y [R, D], idx [T, K]) -> [T, D]; swiglu_fwd(h [R, 2F], w [R] or None) -> [R, F];
+    swiglu_bwd(h, w, g [R, F]) -> (dh [R, 2F], dw [R] fp32 or None);
+    combine_fwd(y [R, D], idx [T, K], w [T, K]) -> [T, D];
     combine_bwd(y, idx, w, g [T, D]) -> (dy [R, D], dw [T, K]). Half types accumulate in fp32.
     """
 
     name = "torch"
+
+    def expert_counts(self, ids_N: Tensor, num_experts: int) -> Tensor:
+        """Pairs per expert, [E] int64; ids outside [0, E) (dropped, -1) are not counted."""
+        flat = torch.where((ids_N < 0) | (ids_N >= num_experts), num_experts, ids_N)
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids_N.device)
+        return counts.scatter_add_(0, flat, torch.ones_like(flat))[:num_experts]
 
     def gather_rows(self, x_ND: Tensor, idx_R: Tensor) -> Tensor:
         return x_ND.index_select(0, idx_R)

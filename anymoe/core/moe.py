@@ -203,7 +203,7 @@ class MoELayer(nn.Module):
         else:  # (combined rows, side()), the side computed during the return all-to-all
             y_TD = combine_with(self.dispatcher, y_ND, meta, side)
         losses = balance_losses(cfg.balance, r.probs_TE, r.logits_TE, ids_TK, batch, self.dp_group,
-                                self.ep_group, self._num_ep_groups())
+                                self.ep_group, self._num_ep_groups(), routed_E)
         kept_E = routed_E if cfg.capacity_factor is None else expert_counts(kept_ids_TK, E)
         aux = MoEAux(loss=weighted_total(cfg.balance, losses, r.probs_TE), losses=losses,
                      tokens_per_expert=kept_E, expert_ids=ids_TK, router_probs=r.probs_TE, dropped=dropped,

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from anymoe.core.balance import BalanceConfig, sinkhorn
+from anymoe.core.balance import BalanceConfig, expert_counts, sinkhorn
 from anymoe.core.config import ConfigError, param
 
 RouterKind = Literal["topk", "noisy_topk", "group_limited", "hash", "expert_choice"]
@@ -209,8 +209,7 @@ class Router(nn.Module):
     def accumulate_load(self, ids: Tensor) -> None:
         """Count routed pairs per expert for the aux-free bias update (training only)."""
         if self.training and self.balance.aux_free:
-            flat = ids.reshape(-1)
-            self.load_accum.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.load_accum.dtype))
+            self.load_accum += expert_counts(ids, self.num_experts, self.load_accum.dtype)
 
 
 @register_router("topk")

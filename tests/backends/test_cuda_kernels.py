@@ -37,6 +37,17 @@ def test_ops_registered_for_cuda():
     assert dfast.dispatch_ops_for(torch.empty(1, device=DEV)) is ck.TRITON_OPS
 
 
+@pytest.mark.parametrize("N, E", [(131072, 64), (4097, 6), (3, 256), (0, 8)])
+def test_expert_counts_histogram_matches_bincount(N, E):
+    g = torch.Generator().manual_seed(N + E)
+    ids = torch.randint(-1, E, (N,), generator=g)  # -1: dropped pairs, not counted
+    ref = torch.bincount(ids[ids >= 0], minlength=E)
+    out = ck.TRITON_OPS.expert_counts(ids.to(DEV), E)
+    assert out.dtype == torch.int64 and torch.equal(out.cpu(), ref)
+    compiled = torch.compile(lambda t: ck.TRITON_OPS.expert_counts(t, E), fullgraph=True)
+    assert torch.equal(compiled(ids.to(DEV)).cpu(), ref)
+
+
 @pytest.mark.parametrize("D", [64, 100, 2048, 4096 + 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gather_and_gather_sum(D, dtype):

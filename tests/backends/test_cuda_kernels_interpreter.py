@@ -28,6 +28,10 @@ for T, K, D, dt in [(5, 6, 70, torch.float32), (4, 2, 2049, torch.bfloat16), (3,
     assert (gs.double() - y[idx].sum(1)).abs().max() <= tol * y[idx].sum(1).abs().max(), (T, K, D, dt)
     rows = ck.launch_gather_rows(y.to(dt), idx.flatten())
     assert torch.equal(rows, y.to(dt)[idx.flatten()]), (T, K, D, dt)
+for N, E in [(5000, 6), (7, 64), (0, 3)]:
+    ids = torch.randint(-1, E, (N,), generator=g)
+    counts = ck.launch_expert_counts(ids, E)
+    assert torch.equal(counts, torch.bincount(ids[ids >= 0], minlength=E)), (N, E)
 print("ok")
 """
 
