@@ -1,4 +1,4 @@
-"""The expert GEMMs one call type at a time: torch._grouped_mm vs Triton vs the dense floor.
+"""The expert GEMMs one call type at a time: torch._grouped_mm vs the dense floor.
 
 Where does a grouped GEMM lose against a dense GEMM of the same FLOPs, and which of the six
 calls of an MoE FFN layer's fwd+bwd loses most? For each shape (issue 9's A/B/C and the
@@ -10,12 +10,14 @@ training bench's moe-1b layer), rows sorted by expert with random (multinomial) 
     dgrad13  g13 [R, 2f]  @ w13[e].T
     wgrad2   act_e.T @ g_e      -> [E, f, d]    weight gradient (K-grouped)
     wgrad13  x_e.T @ g13_e      -> [E, d, 2f]
-    gather13 fwd13 with the rows gathered from the unsorted tokens (gather + GEMM, or fused)
+    gather13 fwd13 with the rows gathered from the unsorted tokens (the gather kernel, then the GEMM)
 
-Variants: ``torch`` (torch._grouped_mm, CUTLASS on sm90), ``triton``
-(anymoe.backends.cuda_grouped_gemm, when importable), ``dense`` (one torch.mm of the same
-M, N, K: the floor). Each Triton result is checked against torch's first (relative error).
-Median of CUDA-event-timed iterations; JSON with device, versions and shapes.
+Variants: ``torch`` (torch._grouped_mm, CUTLASS on sm90) and ``dense`` (one torch.mm of the
+same M, N, K: the floor). Median of CUDA-event-timed iterations; JSON with device, versions
+and shapes. A Triton grouped GEMM with the gather fused into its A load was measured here as a
+third variant (bench/results/gpu_h100/session3/grouped_gemm_triton_candidate_h100.json, code in
+commit 523410c): 1.1-1.5x slower than torch._grouped_mm on the row-grouped calls and 2.3-2.7x
+on the weight gradients, so it was not kept.
 
     PYTHONPATH=. python bench/grouped_gemm.py --out bench/results/grouped_gemm_h100.json
 """
@@ -53,12 +55,8 @@ def _time(fn, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
 def calls(d: int, f: int, E: int, k: int, T: int, dev: torch.device, seed: int = 0):
-    """(name, M, N, K, torch_fn, triton_fn or None) for the seven call types of one shape."""
+    """(name, M, N, K, torch_fn) for the seven call types of one shape."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     R = T * k
     counts = torch.bincount(torch.randint(0, E, (R,), generator=g), minlength=E)
@@ -73,28 +71,16 @@ def calls(d: int, f: int, E: int, k: int, T: int, dev: torch.device, seed: int =
     w13 = torch.randn(E, d, 2 * f, **bf) / d**0.5
     w2 = torch.randn(E, f, d, **bf) / f**0.5
     gmm = torch._grouped_mm
-    try:  # the candidate kernels; absent or broken -> torch and dense only
-        from anymoe.backends import cuda_grouped_gemm as tg
-    except Exception as e:  # noqa: BLE001
-        print(f"no Triton candidate: {e!r}")
-        tg = None
     from anymoe.backends.cuda_kernels import launch_gather_rows
 
     rows = [
-        ("fwd13", R, 2 * f, d, lambda: gmm(x, w13, offs=offs),
-         tg and (lambda: tg.grouped_mm_rows(x, w13, offs))),
-        ("fwd2", R, d, f, lambda: gmm(act, w2, offs=offs),
-         tg and (lambda: tg.grouped_mm_rows(act, w2, offs))),
-        ("dgrad2", R, f, d, lambda: gmm(g_d, w2.transpose(-2, -1), offs=offs),
-         tg and (lambda: tg.grouped_mm_rows(g_d, w2, offs, trans_w=True))),
-        ("dgrad13", R, d, 2 * f, lambda: gmm(g13, w13.transpose(-2, -1), offs=offs),
-         tg and (lambda: tg.grouped_mm_rows(g13, w13, offs, trans_w=True))),
-        ("wgrad2", f, d, R, lambda: gmm(act.t(), g_d, offs=offs),
-         tg and (lambda: tg.grouped_mm_wgrad(act, g_d, offs))),
-        ("wgrad13", d, 2 * f, R, lambda: gmm(x.t(), g13, offs=offs),
-         tg and (lambda: tg.grouped_mm_wgrad(x, g13, offs))),
-        ("gather13", R, 2 * f, d, lambda: gmm(launch_gather_rows(tok, idx), w13, offs=offs),
-         tg and (lambda: tg.grouped_mm_rows(tok, w13, offs, idx_R=idx))),
+        ("fwd13", R, 2 * f, d, lambda: gmm(x, w13, offs=offs)),
+        ("fwd2", R, d, f, lambda: gmm(act, w2, offs=offs)),
+        ("dgrad2", R, f, d, lambda: gmm(g_d, w2.transpose(-2, -1), offs=offs)),
+        ("dgrad13", R, d, 2 * f, lambda: gmm(g13, w13.transpose(-2, -1), offs=offs)),
+        ("wgrad2", f, d, R, lambda: gmm(act.t(), g_d, offs=offs)),
+        ("wgrad13", d, 2 * f, R, lambda: gmm(x.t(), g13, offs=offs)),
+        ("gather13", R, 2 * f, d, lambda: gmm(launch_gather_rows(tok, idx), w13, offs=offs)),
     ]
     return rows
 
@@ -104,22 +90,15 @@ def run(args) -> list[dict]:
     out = []
     for name in args.shapes:
         d, f, E, k, T = SHAPES[name]
-        for call, M, N, K, torch_fn, triton_fn in calls(d, f, E, k, T, dev):
+        for call, M, N, K, torch_fn in calls(d, f, E, k, T, dev):
             flops = 2.0 * M * N * K
             a = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             b = torch.randn(K, N, device=dev, dtype=torch.bfloat16)
             row = {"shape": name, "call": call, "M": M, "N": N, "K": K,
                    "dense_ms": _time(functools.partial(torch.mm, a, b), args.iters, args.warmup),
                    "torch_ms": _time(torch_fn, args.iters, args.warmup)}
-            if triton_fn is not None:
-                try:
-                    row["triton_rel_err"] = _rel(triton_fn(), torch_fn())
-                    row["triton_ms"] = _time(triton_fn, args.iters, args.warmup)
-                except Exception as e:  # a candidate kernel failing is a result, not a crash
-                    row["triton_error"] = f"{type(e).__name__}: {e}"[:400]
-            for v in ("dense", "torch", "triton"):
-                if f"{v}_ms" in row:
-                    row[f"{v}_tflops"] = flops / row[f"{v}_ms"] / 1e9
+            for v in ("dense", "torch"):
+                row[f"{v}_tflops"] = flops / row[f"{v}_ms"] / 1e9
             out.append(row)
             print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()

@@ -143,22 +143,6 @@ def build_anymoe_trainer_compile(dev, checkpointing=False):
     return model, loss_fn, active, fixed
 
 
-def build_anymoe_trainer_compile_triton_gemm(dev):
-    """``anymoe_trainer_compile`` with the experts' GEMMs on the Triton grouped GEMM
-    (anymoe.backends.cuda_grouped_gemm) instead of torch._grouped_mm: a candidate, measured."""
-    from anymoe.backends import cuda_grouped_gemm as tg
-    from anymoe.core.experts import Experts
-
-    def triton_gmm(x_TD, w_EDF, counts_E):
-        return tg.grouped_mm(x_TD, w_EDF, torch.cumsum(counts_E, 0, dtype=torch.int32))
-
-    built = build_anymoe_trainer_compile(dev)
-    for module in built[0].modules():
-        if isinstance(module, Experts):
-            module.grouped_mm = triton_gmm  # before the first call, so the compiled graphs use it
-    return built
-
-
 def _anymoe_built(model, active):
     def loss_fn(ids, labels):
         # The trainer's loss: the fused cross-entropy (no fp32 copy of the logits), as a mean.
@@ -325,8 +309,7 @@ def main(argv=None):
                 "anymoe_fast": lambda: build_anymoe(dev, fast=True),
                 "anymoe_fast_compiled": lambda: build_anymoe(dev, fast=True, compiled="default"),
                 "anymoe_fast_compiled_cg": lambda: build_anymoe(dev, fast=True, compiled="reduce-overhead"),
-                "anymoe_trainer_compile": lambda: build_anymoe_trainer_compile(dev),
-                "anymoe_trainer_compile_triton_gemm": lambda: build_anymoe_trainer_compile_triton_gemm(dev)}
+                "anymoe_trainer_compile": lambda: build_anymoe_trainer_compile(dev)}
     results = []
     for name in args.variants:
         built = builders[name]()
