@@ -309,6 +309,19 @@ class FastLocalDispatcher:
     def combine(self, y_RD: Tensor, meta: DispatchMeta) -> Tensor:
         return combine(y_RD, meta.sorted_pos_TK, meta.weights_TK, self.ops)
 
+    # Folded weights (MoELayer uses these when its experts take row weights): the experts scale
+    # each row's activation by its weight, and the combine is an unweighted sum. Same result,
+    # and the combine's backward needs no saved copy of the expert outputs ([R, D] per layer).
+    def row_weights(self, meta: DispatchMeta) -> Tensor:
+        """Combine weights in sorted-row order, [R]; differentiable."""
+        w = meta.weights_TK.reshape(-1)
+        return w.new_empty(meta.src_token_N.shape[0]).index_copy(0, meta.sorted_pos_TK.reshape(-1), w)
+
+    def combine_summed(self, y_RD: Tensor, meta: DispatchMeta) -> Tensor:
+        """out[t] = sum_k y[sorted_pos[t, k]] for rows that already carry their weights."""
+        ops = self.ops or dispatch_ops_for(y_RD)
+        return _UnpermuteSum.apply(y_RD.contiguous(), meta.src_token_N, meta.sorted_pos_TK, ops.name)
+
 
 def moe_ffn_reference(
     x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, w13_ED2F: Tensor, w2_EFD: Tensor

@@ -197,11 +197,15 @@ class MoELayer(nn.Module):
             kept_ids_TK, weights_TK, dropped = apply_capacity(ids_TK, weights_TK, priority_TK, E, cap,
                                                               cfg.drop_policy)
         x_ND, counts_E, meta = self.dispatcher.dispatch(x_TD, kept_ids_TK, weights_TK)
-        y_ND = self.experts(x_ND, counts_E)
-        if side is None:
-            y_TD = self.dispatcher.combine(y_ND, meta)
+        fold = (side is None and getattr(self.experts, "takes_row_weights", False)
+                and hasattr(self.dispatcher, "combine_summed"))
+        if fold:  # the weights ride into the experts' activation; the combine is a plain sum
+            y_ND = self.experts(x_ND, counts_E, self.dispatcher.row_weights(meta))
+            y_TD = self.dispatcher.combine_summed(y_ND, meta)
+        elif side is None:
+            y_TD = self.dispatcher.combine(self.experts(x_ND, counts_E), meta)
         else:  # (combined rows, side()), the side computed during the return all-to-all
-            y_TD = combine_with(self.dispatcher, y_ND, meta, side)
+            y_TD = combine_with(self.dispatcher, self.experts(x_ND, counts_E), meta, side)
         losses = balance_losses(cfg.balance, r.probs_TE, r.logits_TE, ids_TK, batch, self.dp_group,
                                 self.ep_group, self._num_ep_groups(), routed_E)
         kept_E = routed_E if cfg.capacity_factor is None else expert_counts(kept_ids_TK, E)

@@ -165,12 +165,14 @@ def test_dropped_pairs_sort_last_into_last_expert():
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_fast_dispatcher_in_moe_layer_matches_local(capacity_factor):
-    """MoELayer with FastLocalDispatcher == with the default LocalDispatcher (float64, fwd + bwd)."""
+    """MoELayer with FastLocalDispatcher (weights folded into the experts) == with the plain
+    LocalDispatcher (weighted combine), float64, fwd + bwd."""
+    from anymoe.core.dispatch import LocalDispatcher
     from anymoe.core.moe import MoEConfig, MoELayer
 
     cfg = MoEConfig(num_experts=6, top_k=2, expert_hidden=10, capacity_factor=capacity_factor, fused_w13=True)
     torch.manual_seed(1)
-    ref = MoELayer(cfg, 12).double()
+    ref = MoELayer(cfg, 12, dispatcher=LocalDispatcher(6)).double()
     fast = MoELayer(cfg, 12, dispatcher=dfast.FastLocalDispatcher(6)).double()
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 9, 12, dtype=torch.float64)
@@ -184,3 +186,39 @@ def test_fast_dispatcher_in_moe_layer_matches_local(capacity_factor):
     assert _rel(outs[1][0], outs[0][0]) < 1e-12 and _rel(outs[1][1], outs[0][1]) < 1e-12
     for name, grad in outs[0][2].items():
         assert _rel(outs[1][2][name], grad) < 1e-12, name
+
+
+@pytest.mark.parametrize("fused_w13", [True, False])
+def test_folded_weights_equal_weighted_combine(fused_w13):
+    """Experts(row_weights) + combine_summed == Experts() + the weighted combine (float64, fwd +
+    bwd incl. the weights' gradient), and the folded path keeps no [R, D] output copy."""
+    from anymoe.core.experts import Experts
+
+    torch.manual_seed(2)
+    T, K, E, D = 11, 3, 5, 16
+    experts = Experts(E, D, 24, fused_w13=fused_w13).double()
+    disp = dfast.FastLocalDispatcher(E)
+    x = torch.randn(T, D, dtype=torch.float64)
+    ids = torch.randn(T, E).topk(K, dim=-1).indices
+    w = torch.rand(T, K, dtype=torch.float64)
+    g = torch.randn(T, D, dtype=torch.float64)
+    results, saved = [], []
+    for fold in (False, True):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.shape) or t,
+                                                      lambda t: t):
+            x_ND, counts_E, meta = disp.dispatch(xi, ids, wi)
+            if fold:
+                y = disp.combine_summed(experts(x_ND, counts_E, disp.row_weights(meta)), meta)
+            else:
+                y = disp.combine(experts(x_ND, counts_E), meta)
+        (y * g).sum().backward()
+        results.append((y.detach(), xi.grad, wi.grad, [p.grad.clone() for p in experts.parameters()]))
+        experts.zero_grad()
+        saved.append(sizes)
+    (y0, gx0, gw0, gp0), (y1, gx1, gw1, gp1) = results
+    assert _rel(y1, y0) < 1e-12 and _rel(gx1, gx0) < 1e-12 and _rel(gw1, gw0) < 1e-12
+    assert all(_rel(a, b) < 1e-12 for a, b in zip(gp1, gp0))
+    rows = (T * K, D)  # the weighted combine saves the expert outputs for its backward; the sum does not
+    assert saved[0].count(rows) == saved[1].count(rows) + 1
