@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU performance run (issue 9), one command: the GPU-marked kernel tests, then the MoE-layer
-# bench (A/B/C, balanced + Zipf) and the training-throughput bench (moe-1b vs transformers).
+# bench (A/B/C, balanced + Zipf), the per-call grouped GEMM bench and the training-throughput
+# bench (moe-1b vs transformers).
 # JSON results, logs and kernel profiles go to $OUT (default bench/results); about 7 minutes
 # on one H100. Usage on the GPU machine, from the repo root:  bash ci/gpu_perf.sh [--quick]
 set -uo pipefail
@@ -19,6 +20,7 @@ if [[ "${1:-}" == "--quick" ]]; then
     --out "$OUT/train_throughput_${TAG}_quick.json" || status=1
 else
   python3 bench/cross_entropy.py --out "$OUT/cross_entropy_$TAG.json" || status=1
+  python3 bench/grouped_gemm.py --out "$OUT/grouped_gemm_$TAG.json" > "$OUT/grouped_gemm_$TAG.log" 2>&1 || status=1
   python3 bench/moe_layer.py --out "$OUT/moe_layer_$TAG.json" 2>&1 | tee "$OUT/moe_layer_$TAG.log" || status=1
   python3 bench/train_throughput.py --out "$OUT/train_throughput_$TAG.json" 2>&1 \
     | tee "$OUT/train_throughput_$TAG.log" || status=1

@@ -131,14 +131,20 @@ class Experts(nn.Module):
         return all(bool((p == 0).all()) for p in parts)
 
     # --- compute ------------------------------------------------------------------------------
-    takes_row_weights = True  # forward(..., row_weights_N): see MoELayer._token_choice
+    @property
+    def takes_row_weights(self) -> bool:
+        """Whether forward folds combine weights in (MoELayer._token_choice). Only the fused
+        w13 path: its one-pass SwiGLU takes the weight for free. The separate w1/w3 path is the
+        reference one and keeps the weighted combine (a row reduction there would round
+        differently over pow2-padded columns; padded and unpadded runs stay bitwise equal)."""
+        return self.fused_w13
 
     def forward(self, x_ND: Tensor, counts_E: Tensor, row_weights_N: Tensor | None = None) -> Tensor:
         """SwiGLU of each row through its expert; rows sorted by local expert, counts [E_local].
 
-        ``row_weights_N``: each row's combine weight, folded into the activation before w2
-        (exact, w2 is linear), so the caller's combine is a plain sum that keeps no copy of
-        the outputs for its backward; the weight's gradient comes out of the SwiGLU pass.
+        ``row_weights_N`` (fused w13 only): each row's combine weight, folded into the activation
+        before w2 (exact, w2 is linear), so the caller's combine is a plain sum that keeps no copy
+        of the outputs for its backward; the weight's gradient comes out of the SwiGLU pass.
         """
         mm = self.grouped_mm
         if self.fused_w13:
@@ -146,11 +152,10 @@ class Experts(nn.Module):
             h_N2P = mm(x_ND, self.w13, counts_E)
             act = swiglu(h_N2P) if row_weights_N is None else swiglu_weighted(h_N2P, row_weights_N)
             return mm(act, self.w2, counts_E)
-        gate_NP, up_NP = mm(x_ND, self.w1, counts_E), mm(x_ND, self.w3, counts_E)
-        act = F.silu(gate_NP) * up_NP
         if row_weights_N is not None:
-            act = (act * row_weights_N.unsqueeze(-1)).to(act.dtype)  # weight applied in its own precision
-        return mm(act, self.w2, counts_E)
+            raise ValueError("row_weights_N needs fused_w13 experts (see takes_row_weights)")
+        gate_NP, up_NP = mm(x_ND, self.w1, counts_E), mm(x_ND, self.w3, counts_E)
+        return mm(F.silu(gate_NP) * up_NP, self.w2, counts_E)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_local}/{self.num_experts} (offset {self.local_offset}), "
