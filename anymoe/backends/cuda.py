@@ -164,4 +164,4 @@ class CUDABackend(Backend):
 
 # Triton kernels of the fast MoE dispatch path register themselves for "cuda" on import
 # (gpu-perf, anymoe/backends/cuda_kernels.py; a no-op where Triton is missing).
-from anymoe.backends import cuda_kernels, cuda_loss_kernels  # noqa: E402, F401  (+ fused cross-entropy)
+from anymoe.backends import cuda_kernels, cuda_loss_kernels, cuda_norm_kernels  # noqa: E402, F401  (+ CE, RMSNorm)

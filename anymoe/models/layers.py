@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anymoe.core.norm import rms_norm
 from anymoe.models.cache import KVCache
 from anymoe.models.config import ModelConfig
 
@@ -31,9 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.full((dim,), float(gain)))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x if x.dtype == torch.float64 else x.float()  # float32 statistics at least
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # a fused kernel where the backend has one
 
 
 class RotaryEmbedding(nn.Module):

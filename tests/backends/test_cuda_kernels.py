@@ -219,3 +219,41 @@ def test_fast_dispatcher_layer_on_gpu_matches_float64(capacity_factor):
 def _replay(layer, x):
     with torch.no_grad():
         return layer.route(x.reshape(-1, x.shape[-1]), None, None).expert_ids_TK
+
+
+@pytest.mark.parametrize("N, D, dt, wdt", [(16384, 1024, torch.bfloat16, torch.bfloat16),
+                                           (37, 1000, torch.bfloat16, torch.float32),
+                                           (64, 4104, torch.float32, torch.float32),
+                                           (3, 64, torch.float16, torch.float16)])
+def test_rms_norm_kernels_match_float64(N, D, dt, wdt):
+    from anymoe.backends import cuda_norm_kernels as nk
+    from anymoe.core.norm import TORCH_NORM_OPS, rms_norm
+
+    g = torch.Generator().manual_seed(N + D)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    gy = torch.randn(N, D, generator=g, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = TORCH_NORM_OPS.rms_norm(xr, wr, 1e-6)
+    (ref * gy).sum().backward()
+    xk, wk = x.to(DEV, dt).requires_grad_(), w.to(DEV, wdt).requires_grad_()
+    y = rms_norm(xk, wk, 1e-6)  # the registered kernels (eager)
+    assert y.grad_fn.name().endswith("_RMSNormBackward"), y.grad_fn.name()
+    (y * gy.to(DEV, y.dtype)).sum().backward()
+    tol = 1e-6 if dt == torch.float32 else 1e-2
+    assert _rel(y, ref) < tol and _rel(xk.grad, xr.grad) < tol and _rel(wk.grad, wr.grad) < tol
+    # the torch formula in the same dtypes (what torch.compile traces) agrees as closely
+    xt, wt = x.to(DEV, dt).requires_grad_(), w.to(DEV, wdt).requires_grad_()
+    yt = TORCH_NORM_OPS.rms_norm(xt, wt, 1e-6)
+    (yt * gy.to(DEV, yt.dtype)).sum().backward()
+    assert _rel(y, yt) < tol and _rel(xk.grad, xt.grad) < tol and _rel(wk.grad, wt.grad) < 4 * tol
+    assert nk.TRITON_NORM_OPS is not None
+
+
+def test_rms_norm_under_compile_is_the_formula():
+    from anymoe.core.norm import rms_norm
+
+    x = torch.randn(8, 256, device=DEV, dtype=torch.bfloat16)
+    w = torch.rand(256, device=DEV, dtype=torch.bfloat16)
+    compiled = torch.compile(lambda a, b: rms_norm(a, b, 1e-6), fullgraph=True)
+    assert _rel(compiled(x, w), rms_norm(x, w, 1e-6)) < 1e-2

@@ -43,3 +43,38 @@ def test_dispatch_kernels_in_triton_cpu_interpreter():
     done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+NORM_CODE = """
+import torch
+from anymoe.backends import cuda_norm_kernels as nk
+from anymoe.core.norm import TORCH_NORM_OPS
+g = torch.Generator().manual_seed(0)
+for N, D, dt, wdt in [(5, 70, torch.float32, torch.float32), (40, 64, torch.bfloat16, torch.bfloat16),
+                      (3, 33, torch.bfloat16, torch.float32), (0, 16, torch.float32, torch.float32)]:
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    gy = torch.randn(N, D, generator=g, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = TORCH_NORM_OPS.rms_norm(xr, wr, 1e-6)
+    (ref * gy).sum().backward()
+    xk, wk = x.to(dt).requires_grad_(), w.to(wdt).requires_grad_()
+    y = nk._RMSNorm.apply(xk, wk, 1e-6)
+    assert y.dtype == torch.promote_types(dt, wdt), (y.dtype, dt, wdt)
+    (y * gy.to(y.dtype)).sum().backward()
+    tol = 1e-5 if dt == wdt == torch.float32 else 2e-2
+    for a, b in [(y, ref), (xk.grad, xr.grad), (wk.grad, wr.grad)]:
+        err = float((a.double() - b.double()).abs().max()) if N else 0.0
+        assert err <= tol * max(1.0, float(b.abs().max()) if N else 1.0), (N, D, dt, wdt, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
+def test_rms_norm_kernels_in_triton_cpu_interpreter():
+    """Forward and backward (x and weight gradients) against the float64 torch formula."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", NORM_CODE], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
