@@ -36,13 +36,18 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
-def test_dispatch_kernels_in_triton_cpu_interpreter():
+def _interpret(code: str) -> None:
+    """Run ``code`` (which prints "ok" at its end) in a subprocess under Triton's interpreter."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[2], timeout=300)
-    assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
+def test_dispatch_kernels_in_triton_cpu_interpreter():
+    _interpret(CODE)
 
 
 NORM_CODE = """
@@ -73,8 +78,4 @@ print("ok")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_rms_norm_kernels_in_triton_cpu_interpreter():
     """Forward and backward (x and weight gradients) against the float64 torch formula."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", NORM_CODE], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[2], timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    _interpret(NORM_CODE)
