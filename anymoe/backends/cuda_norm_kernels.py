@@ -94,14 +94,12 @@ def launch_rms_bwd(x_ND: Tensor, w_D: Tensor, rstd_N: Tensor, g_ND: Tensor) -> t
     dx = torch.empty_like(x_ND)
     rows = 32 if N >= 16384 else 8
     programs = triton.cdiv(N, rows)
-    partial = torch.empty(max(programs, 1), D, dtype=torch.float32, device=x_ND.device)
+    partial = torch.empty(programs, D, dtype=torch.float32, device=x_ND.device)  # N = 0: sums to zeros
     if N:
         block = triton.next_power_of_2(D)
         _rms_bwd_kernel[(programs,)](x_ND, w_D, g_ND, rstd_N, dx, partial, N, D, x_ND.stride(0),
                                      g_ND.stride(0), dx.stride(0), ROWS=rows, BLOCK_D=block,
                                      num_warps=_warps(block))
-    else:
-        partial.zero_()
     return dx, partial.sum(0).to(w_D.dtype)
 
 
