@@ -154,12 +154,26 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.scale = Dh ** -0.5
 
+    def project_qkv(self, x_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v from one GEMM over the concatenated weights when all three are plain
+        Linears (LoRA-wrapped ones run separately). One wide GEMM runs faster than three narrow
+        ones (k and v are G * Dh wide), and its backward sums the three input gradients inside
+        one GEMM instead of two extra adds. The parameters stay three (checkpoints, HF names)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is nn.Linear for p in projs):
+            return tuple(p(x_BSD) for p in projs)  # type: ignore[return-value]
+        w = torch.cat([p.weight for p in projs])
+        b = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+        q, k, v = F.linear(x_BSD, w, b).split([p.out_features for p in projs], dim=-1)
+        return q, k, v
+
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
         B, S, _ = x_BSD.shape
-        q = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim)
-        k = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x_BSD)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
