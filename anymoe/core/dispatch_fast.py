@@ -88,10 +88,12 @@ def build_route_index(expert_ids_TK: Tensor, num_experts: int) -> RouteIndex:
 
 
 class DispatchOps:
-    """The memory-bound kernels of the fast path (and the expert histogram), in plain torch.
+    """The memory-bound kernels of the fast path (and the router's top-k, the expert histogram),
+    in plain torch.
 
     A backend subclasses this with device kernels and registers it for its device type.
-    Shapes: expert_counts(ids [N], E) -> [E] int64; gather_rows(x [N, D], idx [R]) -> [R, D];
+    Shapes: topk_ids(scores [T, E], K) -> [T, K] int64; expert_counts(ids [N], E) -> [E] int64;
+    gather_rows(x [N, D], idx [R]) -> [R, D];
     gather_sum(y [R, D], idx [T, K]) -> [T, D]; swiglu_fwd(h [R, 2F], w [R] or None) -> [R, F];
     swiglu_bwd(h, w, g [R, F]) -> (dh [R, 2F], dw [R] fp32 or None);
     combine_fwd(y [R, D], idx [T, K], w [T, K]) -> [T, D];
@@ -99,6 +101,20 @@ class DispatchOps:
     """
 
     name = "torch"
+
+    def topk_ids(self, scores_TE: Tensor, k: int) -> Tensor:
+        """Indices of the k largest scores of each row, [T, k] int64; selection only (no gradient).
+
+        Contract (every implementation): each row holds k distinct indices in [0, E), in
+        descending score order; where a row's values are distinct, its index set is torch.topk's.
+        NaN ranks above every finite score (torch.topk's convention; torch also ranks it above
+        +inf, a kernel may rank the two equal), so NaN scores are picked first. -inf scores
+        (experts masked out, as group-limited routing does) are picked only when a row has
+        fewer than k others, and still give distinct valid indices. Ties: a kernel puts the
+        lower index first; this torch default keeps torch.topk's tie order, which is not
+        specified (the CPU does not order ties by index).
+        """
+        return scores_TE.topk(k, dim=-1).indices
 
     def expert_counts(self, ids_N: Tensor, num_experts: int) -> Tensor:
         """Pairs per expert, [E] int64; ids outside [0, E) (dropped, -1) are not counted."""

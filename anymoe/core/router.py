@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from anymoe.core.balance import BalanceConfig, expert_counts, sinkhorn
 from anymoe.core.config import ConfigError, param
+from anymoe.core.dispatch_fast import dispatch_ops_for
 
 RouterKind = Literal["topk", "noisy_topk", "group_limited", "hash", "expert_choice"]
 
@@ -200,7 +201,7 @@ class Router(nn.Module):
             ids = replay_ids_TK.to(device=logits.device, dtype=torch.long)
         else:
             sel = self.limit(self.selection_scores(scores, logits))
-            ids = sel.topk(self.top_k, dim=-1).indices
+            ids = dispatch_ops_for(sel).topk_ids(sel, self.top_k)
         self.accumulate_load(ids)
         return Routing(probs_TE=probs, logits_TE=logits, scores_TE=scores, expert_ids_TK=ids,
                        weights_TK=self.combine_weights(ids, scores, logits))

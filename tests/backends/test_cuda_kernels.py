@@ -48,6 +48,79 @@ def test_expert_counts_histogram_matches_bincount(N, E):
     assert torch.equal(compiled(ids.to(DEV)).cpu(), ref)
 
 
+def _topk_ref(s_TE, k):
+    """The kernel's order, vectorised: a stable descending sort of the scores (NaN as +inf), so
+    ties keep the lower index first; the interpreter test checks the same order against a loop."""
+    key = s_TE.double().cpu().nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    return key.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def _check_topk(s_TE, k):
+    """Eager and compiled (fullgraph) against the reference; index sets against torch.topk's
+    on NaN-free rows with distinct scores."""
+    ref = _topk_ref(s_TE, k)
+    # A fresh compile each time: the lambda's code object is shared by every call, and past
+    # dynamo's recompile limit (new k, dtype) it would run eagerly without saying so.
+    torch.compiler.reset()
+    compiled = torch.compile(lambda t: ck.TRITON_OPS.topk_ids(t, k), fullgraph=True)
+    for ids in (ck.TRITON_OPS.topk_ids(s_TE, k), compiled(s_TE)):
+        assert ids.dtype == torch.int64 and ids.shape == ref.shape
+        ids = ids.cpu()
+        assert ((ids >= 0) & (ids < s_TE.shape[1])).all()
+        assert (ids.sort(1).values.diff(dim=1) > 0).all()  # distinct per row
+        assert torch.equal(ids, ref)
+    return ref
+
+
+@pytest.mark.parametrize("T, E, k", [(16384, 64, 8), (1000, 64, 8), (37, 6, 2), (5, 256, 1), (0, 8, 2),
+                                     (3, 8, 8), (64, 1024, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_ids_kernel_matches_reference(T, E, k, dtype):
+    g = torch.Generator().manual_seed(T + E + k)
+    s = torch.randn(T, E, generator=g).to(dtype).to(DEV)
+    ref = _check_topk(s, k)
+    plain = s.cpu().float()
+    distinct = torch.tensor([len(set(row)) == E for row in plain.tolist()], dtype=torch.bool)
+    torch_set = plain.topk(k, dim=-1).indices.sort(1).values
+    assert torch.equal(ref.sort(1).values[distinct], torch_set[distinct])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_ids_kernel_ties_nan_and_minus_inf(dtype):
+    g = torch.Generator().manual_seed(3)
+    _check_topk(torch.randint(0, 4, (4096, 64), generator=g).to(dtype).to(DEV), 8)  # ties
+    s = torch.randn(512, 64, generator=g)
+    s[torch.rand(512, 64, generator=g) < 0.1] = float("nan")
+    s[7] = float("nan")
+    _check_topk(s.to(dtype).to(DEV), 8)
+    s = torch.randn(512, 64, generator=g)
+    s[:100, 3:] = float("-inf")  # group-limited masking leaves fewer than k experts
+    s[100:200] = float("-inf")
+    _check_topk(s.to(dtype).to(DEV), 8)
+    _check_topk(torch.full((5, 8), float("-inf"), device=DEV, dtype=dtype), 8)
+
+
+def test_topk_ids_fallbacks_to_torch():
+    s = torch.randn(10, 2048, device=DEV)  # E > 1024
+    assert torch.equal(ck.TRITON_OPS.topk_ids(s, 4), s.topk(4, dim=-1).indices)
+    d = torch.randn(10, 64, device=DEV, dtype=torch.float64)
+    assert torch.equal(ck.TRITON_OPS.topk_ids(d, 4), d.topk(4, dim=-1).indices)
+
+
+def test_group_limited_router_on_cuda_takes_kernel_ids():
+    from anymoe.core.router import RouterConfig, build_router
+
+    E, K, D = 64, 8, 32
+    router = build_router(E, K, D, RouterConfig(kind="group_limited", n_groups=8, topk_groups=2)).to(DEV)
+    x = torch.randn(2048, D, device=DEV)
+    ids = router(x).expert_ids_TK
+    logits = router.logits(x)
+    scores, _ = router.scores(logits)
+    sel_TE = router.limit(router.selection_scores(scores, logits))  # 48 of 64 experts at -inf
+    assert dfast.dispatch_ops_for(sel_TE) is ck.TRITON_OPS  # the router's top-k goes to the kernel
+    assert torch.equal(ids.cpu(), _topk_ref(sel_TE, K))
+
+
 @pytest.mark.parametrize("D", [64, 100, 2048, 4096 + 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gather_and_gather_sum(D, dtype):

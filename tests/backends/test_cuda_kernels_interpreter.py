@@ -79,3 +79,65 @@ print("ok")
 def test_rms_norm_kernels_in_triton_cpu_interpreter():
     """Forward and backward (x and weight gradients) against the float64 torch formula."""
     _interpret(NORM_CODE)
+
+
+TOPK_CODE = """
+import math
+import torch
+from anymoe.backends import cuda_kernels as ck
+g = torch.Generator().manual_seed(0)
+
+def loop(s, k):  # the kernel's order: score descending, ties lower index first, NaN as +inf
+    rows = []
+    for row in s.double().tolist():
+        key = [math.inf if math.isnan(v) else v for v in row]
+        rows.append(sorted(range(len(row)), key=lambda e: (-key[e], e))[:k])
+    return torch.tensor(rows, dtype=torch.int64).view(len(rows), k)
+
+def check(s, k, what):
+    ids = ck.launch_topk_ids(s, k)
+    assert ids.dtype == torch.int64 and ids.shape == (s.shape[0], k), what
+    assert ((ids >= 0) & (ids < s.shape[1])).all(), what
+    assert all(len(set(row)) == k for row in ids.tolist()), what
+    assert torch.equal(ids, loop(s, k)), (what, ids, loop(s, k))
+    return ids
+
+for T, E, k in [(1000, 64, 8), (37, 6, 2), (5, 256, 1), (0, 8, 2), (3, 8, 8)]:
+    s = torch.randn(T, E, generator=g)
+    ids = check(s, k, (T, E, k))
+    assert torch.equal(ids.sort(1).values, s.topk(k, dim=-1).indices.sort(1).values), (T, E, k)
+# ties, in the half types too (bf16 rounding makes many)
+check(torch.randint(0, 4, (200, 64), generator=g).float(), 8, "integer ties")
+check(torch.randn(300, 64, generator=g).bfloat16(), 8, "bf16")
+check(torch.randn(50, 40, generator=g).half(), 5, "fp16")
+# NaN ranks first: with at most k NaNs per row the set is torch.topk's
+s = torch.randn(64, 16, generator=g)
+s[torch.rand(64, 16, generator=g) < 0.15] = float("nan")
+ids = check(s, 4, "nan")
+few = s.isnan().sum(1) <= 4
+assert torch.equal(ids[few].sort(1).values, s[few].topk(4, dim=-1).indices.sort(1).values)
+s[5] = float("nan")
+check(s, 4, "all-nan row")
+# -inf (group-limited masking): fewer than k finite scores, or none
+s = torch.randn(40, 32, generator=g)
+s[:10, 3:] = float("-inf")
+s[10:20] = float("-inf")
+s[20:30, ::2] = float("-inf")
+check(s, 8, "-inf")
+check(torch.full((3, 8), float("-inf")), 8, "all -inf, k = E")
+# a row stride other than E (the launcher honours stride(0)), and the op family's fallbacks
+wide = torch.randn(20, 70, generator=g)
+check(wide[:, :64], 8, "row stride 70")
+d = torch.randn(9, 12, generator=g, dtype=torch.float64)
+assert torch.equal(ck.TRITON_OPS.topk_ids(d, 3), d.topk(3, dim=-1).indices)  # fp64: torch.topk
+f = torch.randn(9, 12, generator=g)
+assert torch.equal(ck.TRITON_OPS.topk_ids(f, 3), loop(f, 3))  # fp32 on the kernel (eager launcher)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
+def test_topk_ids_kernel_in_triton_cpu_interpreter():
+    """The router's top-k kernel against a plain loop (order: descending, ties lower index first)
+    and torch.topk's index sets; ties, NaN rows, rows of -inf."""
+    _interpret(TOPK_CODE)

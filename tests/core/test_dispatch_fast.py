@@ -1,5 +1,7 @@
 """The fast dispatch path (pure-torch twin) against float64 plain-loop references."""
 
+import math
+
 import pytest
 import torch
 
@@ -222,3 +224,45 @@ def test_folded_weights_equal_weighted_combine():
     assert all(_rel(a, b) < 1e-12 for a, b in zip(gp1, gp0))
     rows = (T * K, D)  # the weighted combine saves the expert outputs for its backward; the sum does not
     assert saved[0].count(rows) == saved[1].count(rows) + 1
+
+
+def _topk_ids_loop(scores_TE, k):
+    """Plain reference of the topk_ids contract: per row, sort by (NaN first, score descending,
+    index), take k. E.g. [2, nan, -inf, 2, 5], k=4 -> [1, 4, 0, 3] (ties 0 and 3: lower first)."""
+    rows = []
+    for row in scores_TE.double().tolist():
+        nan = [math.isnan(v) for v in row]
+        rows.append(sorted(range(len(row)), key=lambda e: (not nan[e], 0.0 if nan[e] else -row[e], e))[:k])
+    return torch.tensor(rows, dtype=torch.int64).view(len(rows), k)
+
+
+def test_topk_ids_worked_example():
+    s = torch.tensor([[2.0, float("nan"), float("-inf"), 2.0, 5.0]])
+    assert _topk_ids_loop(s, 4).tolist() == [[1, 4, 0, 3]]
+    assert set(dfast.TORCH_OPS.topk_ids(s, 4)[0].tolist()) == {1, 4, 0, 3}
+
+
+@pytest.mark.parametrize("T,E,k", [(300, 64, 8), (37, 6, 2), (5, 256, 1), (0, 8, 2), (3, 8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_ids_torch_default_matches_loop(T, E, k, dtype):
+    gen = torch.Generator().manual_seed(T * 7 + E + k)
+    scores = torch.randn(T, E, generator=gen, dtype=torch.float64).to(dtype)  # distinct in practice
+    ids = dfast.TORCH_OPS.topk_ids(scores, k)
+    assert ids.dtype == torch.int64 and ids.shape == (T, k)
+    assert torch.equal(ids, _topk_ids_loop(scores, k))  # distinct values: set and order are fixed
+
+
+def test_topk_ids_torch_default_ties_nan_and_masked_rows():
+    gen = torch.Generator().manual_seed(11)
+    T, E, k = 64, 16, 4
+    scores = torch.randint(0, 3, (T, E), generator=gen).double()  # many ties
+    scores[torch.rand(T, E, generator=gen) < 0.1] = float("nan")
+    scores[:8, 3:] = float("-inf")  # 3 pickable experts for k = 4: one -inf pick per row
+    scores[8:10] = float("-inf")  # nothing pickable: k distinct -inf experts
+    ids = dfast.TORCH_OPS.topk_ids(scores, k)
+    ref = _topk_ids_loop(scores, k)
+    assert ((ids >= 0) & (ids < E)).all()
+    assert all(len(set(row)) == k for row in ids.tolist())
+    # Ties may come in any order from torch.topk: compare the chosen scores (NaN as +inf).
+    key = scores.nan_to_num(nan=float("inf"))
+    assert torch.equal(key.gather(1, ids), key.gather(1, ref))
