@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from anymoe.core.balance import BalanceConfig, expert_counts, sinkhorn
 from anymoe.core.config import ConfigError, param
 from anymoe.core.dispatch_fast import dispatch_ops_for
+from anymoe.core.router_gemm import linear_upcast, logits_dtype, router_logits
 
 RouterKind = Literal["topk", "noisy_topk", "group_limited", "hash", "expert_choice"]
 
@@ -123,17 +124,6 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
     return deco
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # Router math in float32 at least; float64 inputs stay float64 (reference tests).
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _linear_fp32(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w.T in x's dtype with autocast off: under bf16 autocast F.linear would run in bf16."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x, w.to(x.dtype))
-
-
 class Router(nn.Module):
     """Base router: a learned gate ``weight`` [E, D] and the aux-free selection bias.
 
@@ -155,13 +145,12 @@ class Router(nn.Module):
         self.register_buffer("load_accum", torch.zeros(num_experts), persistent=False)
 
     def logits(self, x_TD: Tensor) -> Tensor:
-        """Router logits in float32 (float64 for float64 input)."""
-        dt = _compute_dtype(x_TD)
-        x = x_TD.to(dt)
+        """Router logits in float32 (float64 for float64 input); the backend's GEMM (router_gemm)."""
         if self.training and self.cfg.jitter > 0:  # Switch Transformer input jitter
+            x = x_TD.to(logits_dtype(x_TD))
             noise = torch.empty_like(x).uniform_(1.0 - self.cfg.jitter, 1.0 + self.cfg.jitter)
-            x = x * noise
-        return _linear_fp32(x, self.weight)
+            return linear_upcast(x * noise, self.weight)
+        return router_logits(x_TD, self.weight)
 
     def scores(self, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
         """(scores used for weights, probabilities used by balance losses)."""
@@ -232,7 +221,7 @@ class NoisyTopKRouter(Router):
         if not self.training:
             return clean
         dt = clean.dtype
-        std = F.softplus(_linear_fp32(x_TD.to(dt), self.noise_weight))
+        std = F.softplus(linear_upcast(x_TD.to(dt), self.noise_weight))
         return clean + torch.randn_like(clean) * std
 
 
@@ -274,7 +263,7 @@ class HashRouter(Router):
                 replay_ids_TK: Tensor | None = None) -> Routing:
         if token_ids_T is None:
             raise ValueError("hash routing needs token_ids: call the MoE layer with token_ids=[B, S] ids")
-        dt = _compute_dtype(x_TD)
+        dt = logits_dtype(x_TD)
         if replay_ids_TK is not None:
             ids = replay_ids_TK.to(device=x_TD.device, dtype=torch.long)
         else:
