@@ -23,6 +23,7 @@ import os
 import torch
 from torch import Tensor
 
+from anymoe.backends import cuda_optim_kernels
 from anymoe.core.backend import Availability, Backend, register_backend
 from anymoe.core.grouped_mm import (
     GroupedMM,
@@ -160,6 +161,11 @@ class CUDABackend(Backend):
 
     def device_count(self) -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def adamw_class(self) -> type[torch.optim.AdamW] | None:
+        # One Triton launch over every chunk of every tensor (anymoe/backends/cuda_optim_kernels.py);
+        # prototype, H100, moe-1b: 6.82 ms vs 8.87 ms for torch's fused AdamW (bench/optimizer.py).
+        return cuda_optim_kernels.TritonAdamW if cuda_optim_kernels.HAVE_TRITON else None
 
 
 # Triton kernels of the fast MoE dispatch path register themselves for "cuda" on import

@@ -96,6 +96,11 @@ class Backend(ABC):
         """Optional accelerator libraries this backend uses or skips, and why (for `anymoe env`)."""
         return {}
 
+    def adamw_class(self) -> type[torch.optim.AdamW] | None:
+        """An AdamW subclass with a faster step on this device, same math and state_dict (checkpoints
+        move between it and torch's); None = torch's own (``optim.fused: auto`` asks here first)."""
+        return None
+
     def optimize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
         """Hand model and optimizer to a vendor optimiser where one is in use; default unchanged."""
         return model, optimizer

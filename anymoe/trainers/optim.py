@@ -9,8 +9,11 @@ step number to continue the same curve; the scheduler's "state" in a checkpoint 
   to ``min_lr`` (linear, cosine or 1-sqrt shape).
 - constant: linear warmup then ``lr``.
 
-AdamW runs fused where the backend's device type has a fused kernel in this torch build
-(asked of the backend first, then of torch's own list), else the foreach implementation.
+AdamW (``optim.fused``): "auto" takes the backend's own AdamW class where it has one
+(``Backend.adamw_class``: same math and state_dict as torch's, a faster step; the CUDA backend's
+runs a Triton kernel), else torch's fused kernel where the backend's device type has one in this torch build
+(asked of the backend first, then of torch's own list), else torch's foreach implementation;
+"on" is torch's fused kernel, "off" torch's foreach one.
 Norm weights, biases and 1-d parameters get no weight decay (the GPT-2/Llama convention).
 """
 
@@ -39,7 +42,9 @@ class OptimConfig:
     warmup_steps: int = param(10, ge=0, doc="linear warmup steps")
     decay_fraction: float = param(0.2, gt=0, le=1.0, doc="wsd: share of the steps spent decaying")
     decay_shape: Literal["linear", "cosine", "sqrt"] = param("linear", doc="wsd: shape of the decay")
-    fused: Literal["auto", "on", "off"] = param("auto", doc="fused AdamW kernel: auto asks the backend")
+    fused: Literal["auto", "on", "off"] = param(
+        "auto", doc="AdamW kernel: auto = the backend's AdamW class, else torch's fused where the device has "
+                    "it, else foreach; on = torch's fused; off = torch's foreach")
 
     def validate(self) -> None:
         if self.min_lr > self.lr:
@@ -103,7 +108,8 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, backend) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, no decay on norms/biases/embeddings."""
+    """AdamW over the trainable parameters, no decay on norms/biases/embeddings; the implementation
+    as ``cfg.fused`` says (module docstring)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -111,9 +117,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, backend) -> torch.optim.
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    backend_class = backend.adamw_class() if cfg.fused == "auto" else None
+    if backend_class is not None:
+        return backend_class(groups, **hyper)
     fused = cfg.fused == "on" or (cfg.fused == "auto" and fused_supported(backend))
     kwargs = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    return torch.optim.AdamW(groups, **hyper, **kwargs)
 
 
 def build_optimized(model: nn.Module, cfg: OptimConfig, backend) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -1,0 +1,182 @@
+"""TritonAdamW (anymoe/backends/cuda_optim_kernels.py) on a CUDA device against
+torch.optim.AdamW(fused=True) and the float64 AdamW of adamw_reference.py.
+
+Run on the GPU machine: ``python -m pytest -m gpu tests/backends/test_cuda_optim.py``.
+
+Tolerances on p, exp_avg and exp_avg_sq after 5 steps, in units of the storage dtype's spacing
+(``adamw_reference.ulps``: at max(|x|, max|x| / 16)); bitwise equality is not expected:
+- against float64 rounded to the storage dtype after every step: bf16 and fp16 4 (rounding only;
+  the CPU interpreter run of the same kernel measured <= 2), fp32 32 (fp32 arithmetic; measured
+  <= 16 in the interpreter);
+- against torch's fused kernel (fp32 math and one rounding as well, operations in another order):
+  bf16 and fp16 6, fp32 64 (torch's fused kernel itself is <= 2 and <= 17 from float64 on the CPU).
+"""
+
+import functools
+import io
+
+import pytest
+import torch
+from adamw_reference import reference_adamw, round_nearest, ulps
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
+ok = pytest.importorskip("anymoe.backends.cuda_optim_kernels")
+if not ok.HAVE_TRITON:
+    pytest.skip("needs Triton (not importable here)", allow_module_level=True)
+
+DEV = torch.device("cuda")
+STEPS = 5
+# BLOCK = 2048: a lone tail, a chunk + tail, whole chunks, chunks + tail, empty, 2-D, ~490 chunks
+SIZES = [1, 7, 2049, 3 * 2048, 3 * 2048 + 5, 0, (129, 65), 1_000_003]
+HYPER = [dict(lr=0.05, weight_decay=0.5, betas=(0.9, 0.999), eps=1e-8),
+         dict(lr=0.02, weight_decay=0.0, betas=(0.8, 0.99), eps=0.1)]  # eps of the order of sqrt(v)
+TOL_REF = {torch.bfloat16: 4, torch.float16: 4, torch.float32: 32}
+TOL_TORCH = {torch.bfloat16: 6, torch.float16: 6, torch.float32: 64}
+TORCH_FUSED = functools.partial(torch.optim.AdamW, fused=True)
+
+
+def _count_launches(monkeypatch) -> list[int]:
+    """Tensors per kernel launch, so a silent fall back to torch fails the test."""
+    launched = []
+    real = ok.launch_adamw
+
+    def counting(params, *args, **kwargs):
+        launched.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(ok, "launch_adamw", counting)
+    return launched
+
+
+def _data(dtype, seed):
+    """Start weights per group and, per weight, one gradient per step (CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    start = [[torch.randn(s, generator=g).to(dtype) for s in SIZES] for _ in HYPER]
+    grads = [[[torch.randn(p.shape, generator=g).to(dtype) for _ in range(STEPS)] for p in ps]
+             for ps in start]
+    return start, grads
+
+
+def _run(make_opt, start, grads, steps=range(STEPS), state_dict=None):
+    params = [[torch.nn.Parameter(p.to(DEV, copy=True)) for p in ps] for ps in start]
+    opt = make_opt([{"params": ps, **h} for ps, h in zip(params, HYPER)])
+    if state_dict is not None:
+        opt.load_state_dict(state_dict)
+    for s in steps:
+        for ps, gs in zip(params, grads):
+            for p, gl in zip(ps, gs):
+                p.grad = gl[s].to(DEV)
+        opt.step()
+    return params, opt
+
+
+def _triple(opt, p):
+    st = opt.state[p]
+    return [t.detach().cpu() for t in (p, st["exp_avg"], st["exp_avg_sq"])]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_matches_float64_and_torch_fused(dtype, monkeypatch):
+    launched = _count_launches(monkeypatch)
+    start, grads = _data(dtype, 0)
+    ours, opt = _run(ok.TritonAdamW, start, grads)
+    assert launched == [len(SIZES)] * (STEPS * len(HYPER))  # every tensor in the kernel, one launch a group
+    theirs, torch_opt = _run(TORCH_FUSED, start, grads)
+    for gi, h in enumerate(HYPER):
+        for p, q, p0, gl in zip(ours[gi], theirs[gi], start[gi], grads[gi]):
+            ref = reference_adamw(p0, gl, store=round_nearest(dtype), **h)
+            for name, got, want, other in zip(("p", "exp_avg", "exp_avg_sq"), _triple(opt, p), ref,
+                                              _triple(torch_opt, q)):
+                assert got.dtype == dtype
+                where = (gi, p.shape, name)
+                assert ulps(got, want, dtype) <= TOL_REF[dtype], (*where, ulps(got, want, dtype))
+                assert ulps(got, other, dtype) <= TOL_TORCH[dtype], (*where, ulps(got, other, dtype))
+            step = opt.state[p]["step"]
+            assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == STEPS
+
+
+def test_a_misaligned_view_goes_to_torch_fused_and_still_matches(monkeypatch):
+    launched = _count_launches(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    dt = torch.bfloat16
+    first = torch.randn(4096, generator=g).to(dt)
+    others = [torch.randn(n, generator=g).to(dt) for n in (2049, 7)]
+
+    def params():
+        misaligned = torch.empty(4097, dtype=dt, device=DEV)[1:]  # 2 bytes past a 16-byte boundary
+        misaligned.copy_(first)
+        return [torch.nn.Parameter(misaligned)] + [torch.nn.Parameter(t.to(DEV)) for t in others]
+
+    ours, theirs = params(), params()
+    assert ours[0].data_ptr() % 16 == 2
+    a = ok.TritonAdamW(ours, lr=0.05, weight_decay=0.5)
+    b = TORCH_FUSED(theirs, lr=0.05, weight_decay=0.5)
+    for _ in range(STEPS):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=g).to(dt).to(DEV)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    assert launched == [2] * STEPS  # the two aligned tensors
+    for x, y in zip(_triple(a, ours[0]), _triple(b, theirs[0])):
+        assert torch.equal(x, y)  # the misaligned one ran through torch's own fused kernel
+    for p, q in zip(ours[1:], theirs[1:]):
+        for x, y in zip(_triple(a, p), _triple(b, q)):
+            assert ulps(x, y, dt) <= TOL_TORCH[dt]
+    assert a.state[ours[0]]["step"].device.type == "cpu" and float(a.state[ours[0]]["step"]) == STEPS
+
+
+@pytest.mark.parametrize("first", ["triton", "torch_fused"])
+def test_state_dict_moves_between_triton_and_torch_fused(first):
+    """Two steps in one, its state_dict through torch.save/torch.load (tensors stay on the GPU, so a
+    torch-fused step arrives on the device) into the other, three more steps: the weights and
+    moments of five steps in one."""
+    make = {"triton": ok.TritonAdamW, "torch_fused": TORCH_FUSED}
+    second = "torch_fused" if first == "triton" else "triton"
+    dt = torch.float32
+    start, grads = _data(dt, 3)
+    straight, straight_opt = _run(make[first], start, grads)
+    head, head_opt = _run(make[first], start, grads, steps=range(2))
+    buf = io.BytesIO()
+    torch.save(head_opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    weights = [[p.detach() for p in ps] for ps in head]
+    tail, tail_opt = _run(make[second], weights, grads, steps=range(2, STEPS), state_dict=saved)
+    for ps, qs in zip(tail, straight):
+        for p, q in zip(ps, qs):
+            for x, y in zip(_triple(tail_opt, p), _triple(straight_opt, q)):
+                assert ulps(x, y, dt) <= TOL_TORCH[dt]
+            assert float(tail_opt.state[p]["step"]) == STEPS
+            if second == "triton":  # torch's fused step came on the device: read back once, then on the CPU
+                assert tail_opt.state[p]["step"].device.type == "cpu"
+
+
+def test_a_step_does_not_wait_for_the_gpu():
+    """After the first step (kernel compile, chunk tables), a step issues work and returns: the
+    pointer table goes up from pinned memory, the step counts stay on the CPU."""
+    start, grads = _data(torch.bfloat16, 4)
+    params, opt = _run(ok.TritonAdamW, start, grads, steps=range(1))
+    for ps, gs in zip(params, grads):
+        for p, gl in zip(ps, gs):
+            p.grad = gl[1].to(DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(float(opt.state[p]["step"]) == 2 for ps in params for p in ps)
+
+
+def test_build_optimizer_takes_it_on_cuda():
+    from anymoe.core.backend import get_backend
+    from anymoe.trainers.optim import OptimConfig, build_optimizer
+
+    backend = get_backend("cuda")
+    model = torch.nn.Linear(8, 8).to(DEV)
+    assert type(build_optimizer(model, OptimConfig(), backend)) is ok.TritonAdamW
+    assert build_optimizer(model, OptimConfig(fused="on"), backend).defaults["fused"] is True

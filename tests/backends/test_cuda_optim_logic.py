@@ -1,0 +1,259 @@
+"""TritonAdamW's host logic on the CPU, no Triton or GPU needed (anymoe/backends/cuda_optim_kernels.py):
+the chunk table, which tensors share a launch, what goes to torch instead, and that its state and
+state_dict are torch.optim.AdamW's. The kernel itself: test_cuda_optim_interpreter.py (CPU) and
+test_cuda_optim.py (-m gpu).
+
+On the CPU every tensor goes to torch (the kernel takes CUDA tensors), through torch's fused kernel:
+TritonAdamW there is torch.optim.AdamW(fused=True) bit for bit. Tests of the launch logic swap the
+launch for a recorder and let CPU tensors in (``kernel_device_type = "cpu"``).
+"""
+
+import io
+
+import pytest
+import torch
+
+from anymoe.backends import cuda_optim_kernels as ok
+from anymoe.core.backend import create_backend
+
+
+class CPUKernelAdamW(ok.TritonAdamW):
+    kernel_device_type = "cpu"
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Record launches (dtype triple, tensors, step) instead of running the kernel."""
+    calls = []
+
+    def record(params, grads, exp_avgs, exp_avg_sqs, *, step, **hyper):
+        calls.append(((params[0].dtype, grads[0].dtype, exp_avgs[0].dtype), [id(p) for p in params], step))
+
+    monkeypatch.setattr(ok, "HAVE_TRITON", True)
+    monkeypatch.setattr(ok, "launch_adamw", record)
+    return calls
+
+
+def _params(*shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def _twins(params):
+    return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+
+def _set_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+def test_chunk_table_worked_example():
+    # numels 1, 0, 2049, 4096 in chunks of 2048: 1 + 0 + 2 + 2 chunks
+    tensor_C, start_C = ok.chunk_table((1, 0, 2049, 4096), 2048)
+    assert tensor_C.dtype == torch.int32 and start_C.dtype == torch.int64
+    assert tensor_C.tolist() == [0, 2, 2, 3, 3] and start_C.tolist() == [0, 0, 2048, 0, 2048]
+
+
+def test_chunk_table_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    numels = tuple(torch.randint(0, 100, (40,), generator=g).tolist()) + (0, 16, 17)
+    want_t, want_s = [], []
+    for t, n in enumerate(numels):
+        for s in range(0, n, 16):
+            want_t.append(t)
+            want_s.append(s)
+    tensor_C, start_C = ok.chunk_table(numels, 16)
+    assert tensor_C.tolist() == want_t and start_C.tolist() == want_s
+    assert ok.chunk_table((), 16)[0].numel() == 0 and ok.chunk_table((0, 0), 16)[0].numel() == 0
+
+
+@pytest.mark.parametrize("option", [{"amsgrad": True}, {"maximize": True}, {"capturable": True},
+                                    {"differentiable": True}, {"lr": torch.tensor(0.01)}])
+def test_group_options_the_kernel_lacks(option):
+    plain = ok.TritonAdamW(_params(3), lr=0.01)
+    assert ok.group_uses_kernel(plain.param_groups[0])
+    assert not ok.group_uses_kernel(ok.TritonAdamW(_params(3), **{"lr": 0.01, **option}).param_groups[0])
+
+
+@pytest.mark.parametrize("option", [{"amsgrad": True}, {"maximize": True}])
+def test_such_a_group_steps_exactly_as_torch(launches, option):
+    ours = _params(5, 7)
+    theirs = _twins(ours)
+    a = CPUKernelAdamW(ours, lr=0.1, weight_decay=0.1, **option)
+    b = torch.optim.AdamW(theirs, lr=0.1, weight_decay=0.1, **option)
+    for seed in range(3):
+        _set_grads(ours, seed)
+        _set_grads(theirs, seed)
+        a.step()
+        b.step()
+    assert launches == []
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+
+
+def test_kernel_takes():
+    x = torch.zeros(64)
+    assert ok.kernel_takes(x, x, x, x, "cpu")
+    assert not ok.kernel_takes(x, x, x, x, "cuda")  # another device type
+    odd = torch.zeros(65)[1:]  # 4 bytes past a 16-byte boundary
+    assert odd.data_ptr() % 16 and not ok.kernel_takes(odd, x, x, x, "cpu")
+    assert not ok.kernel_takes(x, x, x, odd, "cpu")
+    t = torch.zeros(8, 8).t()
+    assert not t.is_contiguous() and not ok.kernel_takes(t, t, t, t, "cpu")
+    d = torch.zeros(64, dtype=torch.float64)
+    assert not ok.kernel_takes(d, d, d, d, "cpu")  # float64 is not a kernel dtype
+    h = torch.zeros(64, dtype=torch.bfloat16)
+    assert ok.kernel_takes(x, h, h, h, "cpu") and not ok.kernel_takes(x, x, x, h, "cpu")  # m, v: one dtype
+
+    class Sub(torch.Tensor):  # stands for DTensor and other wrappers
+        pass
+
+    s = torch.zeros(64).as_subclass(Sub)
+    assert not ok.kernel_takes(s, x, x, x, "cpu")
+    assert ok.kernel_takes(torch.nn.Parameter(x), x, x, x, "cpu")  # a Parameter is a plain tensor
+
+
+def test_one_launch_per_dtype_triple_and_step(launches):
+    a, b = _params(5, 4096)
+    c, = _params(7, dtype=torch.bfloat16)
+    d, = _params(3)
+    opt = CPUKernelAdamW([a, b, c, d], lr=0.1)
+    _set_grads([a, b, c], 0)  # d has no gradient yet: skipped, no state
+    opt.step()
+    assert d not in opt.state
+    f32, bf16 = (torch.float32,) * 3, (torch.bfloat16,) * 3
+    assert launches == [(f32, [id(a), id(b)], 1.0), (bf16, [id(c)], 1.0)]
+    launches.clear()
+    _set_grads([a, b, c, d], 1)
+    opt.step()  # d's first step: its bias corrections differ, so another launch
+    assert sorted(launches, key=str) == sorted([(f32, [id(a), id(b)], 2.0), (f32, [id(d)], 1.0),
+                                                (bf16, [id(c)], 2.0)], key=str)
+    assert [float(opt.state[p]["step"]) for p in (a, b, c, d)] == [2.0, 2.0, 2.0, 1.0]
+    assert ok.bucket_key(a, a.grad.bfloat16(), a, 2.0) != ok.bucket_key(a, a.grad, a, 2.0)  # grad dtype
+
+
+@pytest.mark.parametrize("kind", ["misaligned", "strided"])
+def test_tensors_the_kernel_cannot_address_go_to_torch(launches, kind):
+    """A misaligned view goes through torch's fused kernel; a transposed one through torch's default
+    (torch's fused kernel pairs elements by memory order, so a transposed parameter with a
+    contiguous gradient would be updated with the wrong gradient elements)."""
+    if kind == "misaligned":
+        odd = torch.nn.Parameter(torch.randn(4 * 9 + 1)[1:])
+        twin, torch_kwargs = torch.nn.Parameter(torch.randn(37)[1:]), {"fused": True}
+    else:
+        odd = torch.nn.Parameter(torch.randn(6, 4).t())
+        twin, torch_kwargs = torch.nn.Parameter(torch.randn(6, 4).t()), {}
+    twin.data.copy_(odd)
+    aligned, = _params(10)
+    ours, theirs = [aligned, odd], [_twins([aligned])[0], twin]
+    a = CPUKernelAdamW(ours, lr=0.1, weight_decay=0.1)
+    b = torch.optim.AdamW(theirs, lr=0.1, weight_decay=0.1, **torch_kwargs)
+    for seed in range(3):
+        _set_grads(ours, seed)
+        _set_grads(theirs, seed)
+        a.step()
+        b.step()
+    assert [ids for _, ids, _ in launches] == [[id(aligned)]] * 3
+    assert torch.equal(odd, twin) and torch.equal(a.state[odd]["exp_avg_sq"], b.state[twin]["exp_avg_sq"])
+    assert a.state[odd]["step"].device.type == "cpu" and float(a.state[odd]["step"]) == 3.0
+
+
+def test_on_the_cpu_it_is_torch_fused_adamw_with_torchs_state_layout():
+    ours = _params(5, (3, 4), 0, dtype=torch.float32) + _params(6, dtype=torch.bfloat16)
+    theirs = _twins(ours)
+    idle = torch.nn.Parameter(torch.ones(2))  # never gets a gradient
+    groups = lambda ps, extra: [{"params": ps[:2] + extra, "weight_decay": 0.1},  # noqa: E731
+                                {"params": ps[2:], "weight_decay": 0.0, "lr": 0.05}]
+    a = ok.TritonAdamW(groups(ours, [idle]), lr=0.1, betas=(0.8, 0.9))
+    b = torch.optim.AdamW(groups(theirs, []), lr=0.1, betas=(0.8, 0.9), fused=True)
+    plain = torch.optim.AdamW(_twins(ours), lr=0.1)  # torch's default (non-fused) layout
+    for seed in range(3):
+        _set_grads(ours, seed)
+        _set_grads(theirs, seed)
+        _set_grads(plain.param_groups[0]["params"], seed)
+        a.step()
+        b.step()
+        plain.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert idle not in a.state
+    want = plain.state[plain.param_groups[0]["params"][0]]
+    for p in ours:
+        st = a.state[p]
+        assert set(st) == set(want) == {"step", "exp_avg", "exp_avg_sq"}
+        assert st["step"].shape == () and st["step"].dtype == want["step"].dtype == torch.float32
+        assert st["step"].device.type == want["step"].device.type == "cpu" and float(st["step"]) == 3.0
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == p.dtype
+        assert st["exp_avg"].shape == p.shape
+
+
+def _roundtrip(state_dict):
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("torch_kwargs", [{"fused": True}, {"foreach": True}, {}])
+@pytest.mark.parametrize("first", ["triton", "torch"])
+def test_state_dict_moves_both_ways(first, torch_kwargs):
+    """Two steps in one optimizer, its state_dict (through torch.save) into the other, two more steps:
+    the same weights and moments as four steps in one, within fp32 rounding (load_state_dict takes
+    the saved groups' ``fused``/``foreach`` flags, so torch may switch implementation on the way)."""
+    make = {"triton": lambda ps: ok.TritonAdamW(ps, lr=0.1, weight_decay=0.1),
+            "torch": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, **torch_kwargs)}
+    second = "torch" if first == "triton" else "triton"
+    start = _params(5, (4, 3))
+    straight_params = _twins(start)
+    straight = make[first](straight_params)
+    for seed in range(4):
+        _set_grads(straight_params, seed)
+        straight.step()
+    head_params = _twins(start)
+    head = make[first](head_params)
+    for seed in range(2):
+        _set_grads(head_params, seed)
+        head.step()
+    tail_params = _twins(head_params)
+    tail = make[second](tail_params)
+    tail.load_state_dict(_roundtrip(head.state_dict()))
+    for seed in range(2, 4):
+        _set_grads(tail_params, seed)
+        tail.step()
+    for p, q in zip(tail_params, straight_params):
+        for x, y in [(p, q), (tail.state[p]["exp_avg"], straight.state[q]["exp_avg"]),
+                     (tail.state[p]["exp_avg_sq"], straight.state[q]["exp_avg_sq"])]:
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-8)
+        assert float(tail.state[p]["step"]) == 4.0 and tail.state[p]["step"].device.type == "cpu"
+
+
+def test_closure_runs_with_grad_and_hooks_run_once():
+    p, = _params(4)
+    opt = ok.TritonAdamW([p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.requires_grad and calls == ["pre", "post"]
+    assert float(opt.state[p]["step"]) == 1.0
+
+
+def test_sparse_gradients_are_refused_like_torch():
+    p, = _params(4)
+    p.grad = torch.zeros(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        ok.TritonAdamW([p]).step()
+
+
+def test_cuda_backend_offers_it_where_triton_imports():
+    want = ok.TritonAdamW if ok.HAVE_TRITON else None
+    assert create_backend("cuda").adamw_class() is want
+    assert create_backend("cpu").adamw_class() is None
