@@ -170,4 +170,9 @@ class CUDABackend(Backend):
 
 # Triton kernels of the fast MoE dispatch path register themselves for "cuda" on import
 # (gpu-perf, anymoe/backends/cuda_kernels.py; a no-op where Triton is missing).
-from anymoe.backends import cuda_kernels, cuda_loss_kernels, cuda_norm_kernels  # noqa: E402, F401  (+ CE, RMSNorm)
+from anymoe.backends import (  # noqa: E402, F401  (+ CE, RMSNorm, router GEMM)
+    cuda_kernels,
+    cuda_loss_kernels,
+    cuda_norm_kernels,
+    cuda_router,
+)
