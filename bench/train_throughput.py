@@ -2,7 +2,9 @@
 
 The issue-9 shape (preset ``moe-1b``): d=1024, 12 layers, 16 heads / 4 KV heads, head_dim 64,
 64 experts, top-8, expert hidden 512, vocab 32000, untied: 1.306B total, 216M active.
-Batch 8 x 2048 tokens, bf16 parameters, fused AdamW, router aux loss on, random tokens.
+Batch 8 x 2048 tokens, bf16 parameters, router aux loss on, random tokens. Optimizer: torch's
+fused AdamW for transformers; for anymoe the AdamW its trainer builds (``--optimizer torch``:
+torch's fused AdamW for all).
 
 For each variant: median step time (CUDA events) -> tokens/s, MFU against the datasheet
 peak (FLOPs per token = 6 * active params + 12 * layers * seq * heads * head_dim, issue 9),
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
 import statistics
@@ -173,7 +176,7 @@ def batch(dev, b, s, seed):
 def run_variant(name, built, args, dev):
     model, loss_fn, active, checkpointing = built
     checkpointing(args.ckpt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    opt = build_opt(name, model, args.optimizer)
     data = [batch(dev, args.batch, args.seq, i) for i in range(4)]
 
     def step(i):
@@ -202,7 +205,8 @@ def run_variant(name, built, args, dev):
     tokens = args.batch * args.seq
     tps = tokens / med
     fpt = flops_per_token(active, args.seq)
-    res = {"variant": name, "checkpointing": args.ckpt, "step_s": med, "step_s_min": min(times),
+    res = {"variant": name, "checkpointing": args.ckpt, "optimizer": type(opt).__name__,
+           "step_s": med, "step_s_min": min(times),
            "step_s_max": max(times), "tokens_per_s": tps, "mfu": tps * fpt / H100_PEAK_BF16,
            "achieved_tflops": tps * fpt / 1e12, "active_params": active,
            "total_params": sum(p.numel() for p in model.parameters()), "flops_per_token": fpt,
@@ -215,8 +219,22 @@ def run_variant(name, built, args, dev):
             os.makedirs(folder, exist_ok=True)
             stem = os.path.basename(args.out).replace(".json", "")
             path = os.path.join(folder, f"{stem}.{name}.prof.txt")
-        res["profile"] = profile_phases(step, path)
+        trace = path.replace(".prof.txt", ".trace.json") if path and name in args.trace_variants else ""
+        res["profile"] = profile_phases(step, path, trace)
     return res
+
+
+def build_opt(name, model, which):
+    """transformers: torch's fused AdamW (torch's fastest AdamW). anymoe: the
+    optimizer its trainer builds (``optim.fused: auto``: the backend's AdamW, Triton multi-tensor
+    on CUDA), or torch's fused one with ``--optimizer torch``. Same lr, weight decay and betas."""
+    if name == "hf" or which == "torch":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    from anymoe.core.backend import get_backend
+    from anymoe.trainers.optim import OptimConfig, build_optimizer
+
+    cfg = OptimConfig(lr=1e-4, min_lr=0.0, weight_decay=0.1, beta1=0.9, beta2=0.999, warmup_steps=0)
+    return build_optimizer(model, cfg, get_backend("cuda"))
 
 
 def host_time(step, i0, n=3):
@@ -243,7 +261,7 @@ PHASES = [  # (phase, substrings of kernel names), first match wins
 ]
 
 
-def profile_phases(step, path):
+def profile_phases(step, path, trace=""):
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -263,6 +281,11 @@ def profile_phases(step, path):
         kernels[ev.key] = kernels.get(ev.key, 0.0) + t
         phase = next((p for p, keys in PHASES if any(k in ev.key for k in keys)), "other")
         buckets[phase] = buckets.get(phase, 0.0) + t / 2e3  # ms per step
+    if trace:  # the kernel timeline (Chrome trace format), gzipped: where the GPU idles
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            dst.write(src.read())
+        os.remove(trace)
     busy = sum(buckets.values())
     buckets["GPU idle (launch gaps, host syncs)"] = max(0.0, a.elapsed_time(b) / 2 - busy)
     if path:
@@ -300,6 +323,10 @@ def main(argv=None):
                     help="torch.set_float32_matmul_precision for all variants (high = TF32)")
     ap.add_argument("--ckpt-variants", nargs="+", default=["hf", "anymoe", "anymoe_fast"],
                     help="variants also measured with activation checkpointing")
+    ap.add_argument("--optimizer", default="framework", choices=["framework", "torch"],
+                    help="anymoe variants: the trainer's AdamW (framework) or torch's fused AdamW")
+    ap.add_argument("--trace-variants", nargs="*", default=[],
+                    help="variants whose profiled steps are also saved as a gzipped Chrome trace")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -352,7 +379,7 @@ def _write(args, results):
         if b and "tokens_per_s" in r:
             r["speedup_vs_hf"] = r["tokens_per_s"] / b["tokens_per_s"]
     doc = {"bench": "train_throughput", "env": environment(), "shape": SHAPE, "batch": args.batch,
-           "seq": args.seq, "dtype": "bf16 params, fused AdamW", "aux_coef": AUX_COEF,
+           "seq": args.seq, "dtype": "bf16 params", "optimizer_choice": args.optimizer, "aux_coef": AUX_COEF,
            "fp32_matmul_precision": args.fp32_matmul,
            "peak_flops": H100_PEAK_BF16, "anchor_issue9": ANCHOR, "results": results}
     if args.out:
