@@ -254,7 +254,7 @@ PHASES = [  # (phase, substrings of kernel names), first match wins
     ("expert grouped GEMMs", ("GroupProblemShape", "grouped", "Grouped")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "_efficient_attention")),
     ("dense GEMMs", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "Kernel2")),
-    ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "_fused_adamw")),
+    ("optimizer", ("multi_tensor", "fused_adam", "FusedAdam", "_fused_adamw", "_adamw_kernel")),
     ("sort / scan / index", ("sort", "Sort", "scan", "Scan", "index", "gather", "scatter", "topk", "TopK")),
     ("softmax / norms / reductions", ("softmax", "reduce", "norm", "Norm", "cross_entropy", "nll")),
     ("elementwise / copies", ("elementwise", "vectorized", "copy", "Memcpy", "Memset", "fill", "cat")),
