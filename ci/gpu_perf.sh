@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU performance run (issue 9), one command: the GPU-marked kernel tests, then the MoE-layer
-# bench (A/B/C, balanced + Zipf), the per-call grouped GEMM bench and the training-throughput
-# bench (moe-1b vs transformers).
+# bench (A/B/C, balanced + Zipf), the per-call grouped GEMM bench, the AdamW step bench (torch fused
+# vs TritonAdamW over moe-1b's parameters) and the training-throughput bench (moe-1b vs transformers).
 # JSON results, logs and kernel profiles go to $OUT (default bench/results); about 7 minutes
 # on one H100. Usage on the GPU machine, from the repo root:  bash ci/gpu_perf.sh [--quick]
 set -uo pipefail
@@ -12,7 +12,8 @@ mkdir -p "$OUT"
 TAG=${TAG:-$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).split()[1].lower())' 2>/dev/null || echo gpu)}
 status=0
 python3 -m pytest -m gpu -q -p no:cacheprovider tests/backends/test_cuda_kernels.py \
-  tests/backends/test_cuda_loss_kernels.py tests/trainers/test_compile.py tests/core/test_ep_rows.py 2>&1 \
+  tests/backends/test_cuda_loss_kernels.py tests/backends/test_cuda_optim.py tests/trainers/test_compile.py \
+  tests/core/test_ep_rows.py 2>&1 \
   | tee "$OUT/gpu_tests_$TAG.log" || status=1
 if [[ "${1:-}" == "--quick" ]]; then
   python3 bench/moe_layer.py --configs C --iters 10 --out "$OUT/moe_layer_${TAG}_quick.json" || status=1
@@ -21,6 +22,7 @@ if [[ "${1:-}" == "--quick" ]]; then
 else
   python3 bench/cross_entropy.py --out "$OUT/cross_entropy_$TAG.json" || status=1
   python3 bench/grouped_gemm.py --out "$OUT/grouped_gemm_$TAG.json" > "$OUT/grouped_gemm_$TAG.log" 2>&1 || status=1
+  python3 bench/optimizer.py --out "$OUT/optimizer_$TAG.json" || status=1
   python3 bench/moe_layer.py --out "$OUT/moe_layer_$TAG.json" 2>&1 | tee "$OUT/moe_layer_$TAG.log" || status=1
   python3 bench/train_throughput.py --out "$OUT/train_throughput_$TAG.json" 2>&1 \
     | tee "$OUT/train_throughput_$TAG.log" || status=1

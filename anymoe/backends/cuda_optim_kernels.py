@@ -27,6 +27,7 @@ Legend: C chunks, T tensors of a bucket.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import defaultdict
@@ -127,11 +128,14 @@ def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     ptr_4T = host.to(device, non_blocking=True).view(4, len(params))
     bc1 = 1.0 - beta1**step
     bc2_sqrt = math.sqrt(1.0 - beta2**step)
-    _adamw_kernel[(tensor_C.numel(),)](
-        ptr_4T[0], ptr_4T[1], ptr_4T[2], ptr_4T[3], tensor_C, start_C, numel_T,
-        1.0 - lr * weight_decay, lr / bc1, beta1, beta2, eps, bc2_sqrt,
-        P_DTYPE=_TL_DTYPE[params[0].dtype], G_DTYPE=_TL_DTYPE[grads[0].dtype],
-        S_DTYPE=_TL_DTYPE[exp_avgs[0].dtype], BLOCK=block, num_warps=4)
+    # Triton launches on the current GPU: make it the tensors' one
+    other_gpu = device.type == "cuda" and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if other_gpu else contextlib.nullcontext():
+        _adamw_kernel[(tensor_C.numel(),)](
+            ptr_4T[0], ptr_4T[1], ptr_4T[2], ptr_4T[3], tensor_C, start_C, numel_T,
+            1.0 - lr * weight_decay, lr / bc1, beta1, beta2, eps, bc2_sqrt,
+            P_DTYPE=_TL_DTYPE[params[0].dtype], G_DTYPE=_TL_DTYPE[grads[0].dtype],
+            S_DTYPE=_TL_DTYPE[exp_avgs[0].dtype], BLOCK=block, num_warps=4)
 
 
 def group_uses_kernel(group: dict) -> bool:
@@ -144,12 +148,12 @@ def group_uses_kernel(group: dict) -> bool:
 
 def kernel_takes(p: Tensor, g: Tensor, m: Tensor, v: Tensor, device_type: str) -> bool:
     """Whether the kernel can address this parameter's four tensors (see the module docstring)."""
-    four = (p, g, m, v)
-    return (p.device.type == device_type
-            and all(type(t) in _PLAIN and t.device == p.device and t.is_contiguous()
-                    and t.data_ptr() % _ALIGN == 0 for t in four)
-            and p.dtype in KERNEL_DTYPES and g.dtype in KERNEL_DTYPES and m.dtype in KERNEL_DTYPES
-            and v.dtype == m.dtype)
+    return (p.device.type == device_type and p.dtype in KERNEL_DTYPES and g.dtype in KERNEL_DTYPES
+            and m.dtype in KERNEL_DTYPES and v.dtype == m.dtype
+            and type(p) in _PLAIN and type(g) in _PLAIN and type(m) in _PLAIN and type(v) in _PLAIN
+            and p.get_device() == g.get_device() == m.get_device() == v.get_device()
+            and p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+            and (p.data_ptr() | g.data_ptr() | m.data_ptr() | v.data_ptr()) % _ALIGN == 0)
 
 
 def bucket_key(p: Tensor, g: Tensor, m: Tensor, step: float) -> tuple:
