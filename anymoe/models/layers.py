@@ -64,9 +64,11 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x_BHSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
-    """Rotate pairs (i, i + Dh/2) by the position angle (the Hugging Face "rotate half" layout)."""
-    cos, sin = cos_BSD.unsqueeze(1), sin_BSD.unsqueeze(1)
+def apply_rope(x_BHSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, head_axis: int = 1) -> Tensor:
+    """Rotate pairs (i, i + Dh/2) by the position angle (the Hugging Face "rotate half" layout).
+
+    ``head_axis``: where x keeps its heads; 2 for [B, S, H, Dh] (the projections' own layout)."""
+    cos, sin = cos_BSD.unsqueeze(head_axis), sin_BSD.unsqueeze(head_axis)
     return x_BHSD * cos + rotate_half(x_BHSD) * sin
 
 
@@ -176,8 +178,11 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE in the projections' [B, S, H, Dh] layout, then a transposed view for attention:
+        # the elementwise passes (and their backward, into the qkv gradient) read and write
+        # contiguous rows instead of transposing on the way.
+        q, k = apply_rope(q, *rope, head_axis=2), apply_rope(k, *rope, head_axis=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0,
