@@ -86,7 +86,9 @@ def test_cuda_half_gemm_against_float64(dtype, compiled):
     assert y.dtype == torch.float32 and y.shape == (1, 4099, 64)
     y.backward(gy.float().cuda().view(1, 4099, 64))
     ref_y, ref_dx, ref_dw = _reference(x, w, gy)
-    assert _rel(y.view(4099, 64), ref_y) < 1e-6  # half products are exact in float32
+    # Half products are exact in float32; the float32 sum over D = 1024 terms is not: its
+    # rounding error grows like sqrt(D) * 2^-24 ~ 2e-6 (fp16 inputs measured 1.25e-6 on the H100).
+    assert _rel(y.view(4099, 64), ref_y) < 1e-5
     assert _rel(x.grad, ref_dx) < 1e-2 and _rel(w.grad, ref_dw) < 1e-2
     with torch.no_grad():  # the same logits as the formula's float32 GEMM (TF32 off)
         prev = torch.backends.cuda.matmul.allow_tf32
@@ -95,4 +97,4 @@ def test_cuda_half_gemm_against_float64(dtype, compiled):
             formula = TORCH_ROUTER_GEMM_OPS.logits(x, w)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
-    assert _rel(y.view(4099, 64), formula) < 1e-6
+    assert _rel(y.view(4099, 64), formula) < 1e-5
