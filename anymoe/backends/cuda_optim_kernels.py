@@ -55,21 +55,25 @@ if HAVE_TRITON:
     _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
-    def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, mask, decay, step_size, beta1, beta2, eps, bc2_sqrt):
+    def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, mask, decay, step_size, one_minus_b1, beta2,
+                      one_minus_b2, eps, bc2_sqrt):
         p = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + idx, mask=mask).to(tl.float32)
         m = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + idx, mask=mask).to(tl.float32)
         p = p * decay  # decoupled weight decay, before the Adam step (torch AdamW's order)
-        m = m + (1.0 - beta1) * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
-        v = beta2 * v + (1.0 - beta2) * g * g
-        p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        # 1 - beta comes from the host in double: in float32, 1 - fp32(0.999) is 1.3e-5 off.
+        # sqrt_rn / div_rn: IEEE rounding (Triton's default sqrt and / are approximate).
+        m = m + one_minus_b1 * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
+        v = beta2 * v + one_minus_b2 * g * g
+        p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
         tl.store(p_ptr + idx, p.to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _adamw_kernel(P, G, M, V, TENSOR, START, NUMEL, decay, step_size, beta1, beta2, eps, bc2_sqrt,
+    def _adamw_kernel(P, G, M, V, TENSOR, START, NUMEL, decay, step_size, one_minus_b1, beta2, one_minus_b2,
+                      eps, bc2_sqrt,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                       BLOCK: tl.constexpr):
         c = tl.program_id(0)
@@ -84,10 +88,10 @@ if HAVE_TRITON:
         idx = start + tl.arange(0, BLOCK)
         if start + BLOCK <= n:  # a full chunk: no mask, so the loads vectorise
             _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, None,
-                          decay, step_size, beta1, beta2, eps, bc2_sqrt)
+                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt)
         else:  # the tensor's tail
             _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, idx < n,
-                          decay, step_size, beta1, beta2, eps, bc2_sqrt)
+                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt)
 
 
 def chunk_table(numels: tuple[int, ...], block: int) -> tuple[Tensor, Tensor]:
@@ -133,7 +137,7 @@ def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     with torch.cuda.device(device) if other_gpu else contextlib.nullcontext():
         _adamw_kernel[(tensor_C.numel(),)](
             ptr_4T[0], ptr_4T[1], ptr_4T[2], ptr_4T[3], tensor_C, start_C, numel_T,
-            1.0 - lr * weight_decay, lr / bc1, beta1, beta2, eps, bc2_sqrt,
+            1.0 - lr * weight_decay, lr / bc1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bc2_sqrt,
             P_DTYPE=_TL_DTYPE[params[0].dtype], G_DTYPE=_TL_DTYPE[grads[0].dtype],
             S_DTYPE=_TL_DTYPE[exp_avgs[0].dtype], BLOCK=block, num_warps=4)
 

@@ -128,7 +128,8 @@ def test_kernel_compiles_for_sm90_with_vector_loads(tmp_path, monkeypatch):
         pytest.skip("Triton is in interpreter mode or missing here")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     sig = {name: "*i64" for name in ("P", "G", "M", "V", "START", "NUMEL")} | {"TENSOR": "*i32"}
-    sig |= {name: "fp32" for name in ("decay", "step_size", "beta1", "beta2", "eps", "bc2_sqrt")}
+    scalars = ("decay", "step_size", "one_minus_b1", "beta2", "one_minus_b2", "eps", "bc2_sqrt")
+    sig |= {name: "fp32" for name in scalars}
     for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
         tl_dtype = ok._TL_DTYPE[dtype]
         constexprs = {"P_DTYPE": tl_dtype, "G_DTYPE": tl_dtype, "S_DTYPE": tl_dtype, "BLOCK": ok.BLOCK}
