@@ -8,8 +8,10 @@ Tolerances on p, exp_avg and exp_avg_sq after 5 steps, in units of the storage d
 - against float64 rounded to the storage dtype after every step: bf16 and fp16 4 (rounding only;
   the CPU interpreter run of the same kernel measured <= 2), fp32 32 (fp32 arithmetic; measured
   <= 16 in the interpreter);
-- against torch's fused kernel (fp32 math and one rounding as well, operations in another order):
-  bf16 and fp16 6, fp32 64 (torch's fused kernel itself is <= 2 and <= 17 from float64 on the CPU).
+- against torch's fused CUDA kernel: no farther than torch's own distance from float64 plus the
+  tolerance above. torch's CUDA kernel forms 1 - beta in float32 from float32 betas (1 - fp32(0.999)
+  is 1.3e-5 off), measured on the H100 at up to 8 bf16 ulps (exp_avg) and ~170 fp32 ulps
+  (exp_avg_sq) from float64; TritonAdamW gets 1 - beta from the host in double.
 """
 
 import functools
@@ -34,7 +36,6 @@ SIZES = [1, 7, 2049, 3 * 2048, 3 * 2048 + 5, 0, (129, 65), 1_000_003]
 HYPER = [dict(lr=0.05, weight_decay=0.5, betas=(0.9, 0.999), eps=1e-8),
          dict(lr=0.02, weight_decay=0.0, betas=(0.8, 0.99), eps=0.1)]  # eps of the order of sqrt(v)
 TOL_REF = {torch.bfloat16: 4, torch.float16: 4, torch.float32: 32}
-TOL_TORCH = {torch.bfloat16: 6, torch.float16: 6, torch.float32: 64}
 TORCH_FUSED = functools.partial(torch.optim.AdamW, fused=True)
 
 
@@ -93,7 +94,8 @@ def test_matches_float64_and_torch_fused(dtype, monkeypatch):
                 assert got.dtype == dtype
                 where = (gi, p.shape, name)
                 assert ulps(got, want, dtype) <= TOL_REF[dtype], (*where, ulps(got, want, dtype))
-                assert ulps(got, other, dtype) <= TOL_TORCH[dtype], (*where, ulps(got, other, dtype))
+                bound = ulps(other, want, dtype) + TOL_REF[dtype] + 1  # torch's own error + ours
+                assert ulps(got, other, dtype) <= bound, (*where, ulps(got, other, dtype), bound)
             step = opt.state[p]["step"]
             assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == STEPS
 
@@ -112,20 +114,25 @@ def test_a_misaligned_view_goes_to_torch_fused_and_still_matches(monkeypatch):
 
     ours, theirs = params(), params()
     assert ours[0].data_ptr() % 16 == 2
-    a = ok.TritonAdamW(ours, lr=0.05, weight_decay=0.5)
-    b = TORCH_FUSED(theirs, lr=0.05, weight_decay=0.5)
+    hyper = dict(lr=0.05, weight_decay=0.5, betas=(0.9, 0.999), eps=1e-8)
+    a = ok.TritonAdamW(ours, **hyper)
+    b = TORCH_FUSED(theirs, **hyper)
+    grads = [[] for _ in ours]
     for _ in range(STEPS):
-        for p, q in zip(ours, theirs):
+        for p, q, gl in zip(ours, theirs, grads):
             p.grad = torch.randn(p.shape, generator=g).to(dt).to(DEV)
             q.grad = p.grad.clone()
+            gl.append(p.grad.cpu())
         a.step()
         b.step()
     assert launched == [2] * STEPS  # the two aligned tensors
     for x, y in zip(_triple(a, ours[0]), _triple(b, theirs[0])):
         assert torch.equal(x, y)  # the misaligned one ran through torch's own fused kernel
-    for p, q in zip(ours[1:], theirs[1:]):
-        for x, y in zip(_triple(a, p), _triple(b, q)):
-            assert ulps(x, y, dt) <= TOL_TORCH[dt]
+    for p, q, p0, gl in zip(ours[1:], theirs[1:], others, grads[1:]):
+        ref = reference_adamw(p0, gl, store=round_nearest(dt), **hyper)
+        for x, y, want in zip(_triple(a, p), _triple(b, q), ref):
+            assert ulps(x, want, dt) <= TOL_REF[dt]
+            assert ulps(x, y, dt) <= ulps(y, want, dt) + TOL_REF[dt] + 1
     assert a.state[ours[0]]["step"].device.type == "cpu" and float(a.state[ours[0]]["step"]) == STEPS
 
 
@@ -133,12 +140,11 @@ def test_a_misaligned_view_goes_to_torch_fused_and_still_matches(monkeypatch):
 def test_state_dict_moves_between_triton_and_torch_fused(first):
     """Two steps in one, its state_dict through torch.save/torch.load (tensors stay on the GPU, so a
     torch-fused step arrives on the device) into the other, three more steps: the weights and
-    moments of five steps in one."""
+    moments of five steps, as close to float64 as five torch-fused steps are (plus our tolerance)."""
     make = {"triton": ok.TritonAdamW, "torch_fused": TORCH_FUSED}
     second = "torch_fused" if first == "triton" else "triton"
     dt = torch.float32
     start, grads = _data(dt, 3)
-    straight, straight_opt = _run(make[first], start, grads)
     head, head_opt = _run(make[first], start, grads, steps=range(2))
     buf = io.BytesIO()
     torch.save(head_opt.state_dict(), buf)
@@ -146,10 +152,13 @@ def test_state_dict_moves_between_triton_and_torch_fused(first):
     saved = torch.load(buf, weights_only=True)
     weights = [[p.detach() for p in ps] for ps in head]
     tail, tail_opt = _run(make[second], weights, grads, steps=range(2, STEPS), state_dict=saved)
-    for ps, qs in zip(tail, straight):
-        for p, q in zip(ps, qs):
-            for x, y in zip(_triple(tail_opt, p), _triple(straight_opt, q)):
-                assert ulps(x, y, dt) <= TOL_TORCH[dt]
+    torch_only, torch_opt = _run(TORCH_FUSED, start, grads)  # five torch steps: its own error
+    for gi, h in enumerate(HYPER):
+        for p, q, p0, gl in zip(tail[gi], torch_only[gi], start[gi], grads[gi]):
+            ref = reference_adamw(p0, gl, store=round_nearest(dt), **h)
+            # Steps from both optimizers: within torch's own error (it has some of the steps) + ours.
+            for x, y, want in zip(_triple(tail_opt, p), _triple(torch_opt, q), ref):
+                assert ulps(x, want, dt) <= ulps(y, want, dt) + TOL_REF[dt] + 1
             assert float(tail_opt.state[p]["step"]) == STEPS
             if second == "triton":  # torch's fused step came on the device: read back once, then on the CPU
                 assert tail_opt.state[p]["step"].device.type == "cpu"
