@@ -170,9 +170,10 @@ class CUDABackend(Backend):
 
 # Triton kernels of the fast MoE dispatch path register themselves for "cuda" on import
 # (gpu-perf, anymoe/backends/cuda_kernels.py; a no-op where Triton is missing).
-from anymoe.backends import (  # noqa: E402, F401  (+ CE, RMSNorm, router GEMM)
+from anymoe.backends import (  # noqa: E402, F401  (+ CE, RMSNorm, qk-norm + RoPE, router GEMM)
     cuda_kernels,
     cuda_loss_kernels,
     cuda_norm_kernels,
+    cuda_qk_rope_kernels,
     cuda_router,
 )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anymoe.core.norm import rms_norm
+from anymoe.core.qk_norm_rope import qk_norm_rope, rope_rotate_half
 from anymoe.models.cache import KVCache
 from anymoe.models.config import ModelConfig
 
@@ -59,17 +60,11 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x_BHSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor, head_axis: int = 1) -> Tensor:
     """Rotate pairs (i, i + Dh/2) by the position angle (the Hugging Face "rotate half" layout).
 
     ``head_axis``: where x keeps its heads; 2 for [B, S, H, Dh] (the projections' own layout)."""
-    cos, sin = cos_BSD.unsqueeze(head_axis), sin_BSD.unsqueeze(head_axis)
-    return x_BHSD * cos + rotate_half(x_BHSD) * sin
+    return rope_rotate_half(x_BHSD, cos_BSD, sin_BSD, head_axis)
 
 
 def apply_rope_interleaved(x_BHSD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> Tensor:
@@ -169,6 +164,10 @@ class Attention(nn.Module):
         q, k, v = F.linear(x_BSD, w, b).split([p.out_features for p in projs], dim=-1)
         return q, k, v
 
+    @staticmethod
+    def _norm_args(norm: RMSNorm | None) -> tuple[Tensor | None, float]:
+        return (None, 0.0) if norm is None else (norm.weight, norm.eps)
+
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
         B, S, _ = x_BSD.shape
@@ -176,12 +175,10 @@ class Attention(nn.Module):
         q = q.view(B, S, self.n_heads, self.head_dim)
         k = k.view(B, S, self.n_kv_heads, self.head_dim)
         v = v.view(B, S, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE in the projections' [B, S, H, Dh] layout, then a transposed view for attention:
-        # the elementwise passes (and their backward, into the qkv gradient) read and write
-        # contiguous rows instead of transposing on the way.
-        q, k = apply_rope(q, *rope, head_axis=2), apply_rope(k, *rope, head_axis=2)
+        # qk-norm and RoPE in one op (one read-once kernel per direction where the backend has
+        # one), in the projections' [B, S, H, Dh] layout; attention takes transposed views.
+        q = qk_norm_rope(q, *self._norm_args(self.q_norm), *rope)
+        k = qk_norm_rope(k, *self._norm_args(self.k_norm), *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
