@@ -63,10 +63,11 @@ if HAVE_TRITON:
         v = tl.load(v_ptr + idx, mask=mask).to(tl.float32)
         p = p * decay  # decoupled weight decay, before the Adam step (torch AdamW's order)
         # 1 - beta comes from the host in double: in float32, 1 - fp32(0.999) is 1.3e-5 off.
-        # sqrt_rn / div_rn: IEEE rounding (Triton's default sqrt and / are approximate).
+        # Triton's sqrt and / (a few float32 ulps) only touch the update term, a small fraction
+        # of p; the IEEE sqrt_rn / div_rn cost 10 % of the kernel's time on the H100 (6.7 -> 7.4 ms).
         m = m + one_minus_b1 * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
         v = beta2 * v + one_minus_b2 * g * g
-        p = p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
+        p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
         tl.store(p_ptr + idx, p.to(p_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=mask)
