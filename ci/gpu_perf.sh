@@ -13,6 +13,7 @@ TAG=${TAG:-$(python3 -c 'import torch; print(torch.cuda.get_device_name(0).split
 status=0
 python3 -m pytest -m gpu -q -p no:cacheprovider tests/backends/test_cuda_kernels.py \
   tests/backends/test_cuda_loss_kernels.py tests/backends/test_cuda_optim.py tests/backends/test_cuda_qk_rope.py \
+  tests/backends/test_cuda_router.py \
   tests/trainers/test_compile.py tests/core/test_ep_rows.py 2>&1 \
   | tee "$OUT/gpu_tests_$TAG.log" || status=1
 if [[ "${1:-}" == "--quick" ]]; then
