@@ -70,6 +70,17 @@ if HAVE_TRITON:
         return b.to(tl.int64), s.to(tl.int64), h.to(tl.int64), r < N
 
     @triton.jit
+    def _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss, ssd, HALF: tl.constexpr):
+        # The rows' cos and sin, each as its two halves (fp32), for the tile's (b, s).
+        c_at = cos_ptr + (b * scb + s * scs)[:, None] + cols[None, :] * scd
+        s_at = sin_ptr + (b * ssb + s * sss)[:, None] + cols[None, :] * ssd
+        c1 = tl.load(c_at, mask=mask, other=0.0).to(tl.float32)
+        c2 = tl.load(c_at + HALF * scd, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(s_at, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(s_at + HALF * ssd, mask=mask, other=0.0).to(tl.float32)
+        return c1, c2, s1, s2
+
+    @triton.jit
     def _qk_norm_rope_fwd_kernel(
         x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, N, S, H,
         sxb, sxs, sxh, scb, scs, scd, ssb, sss, ssd, eps,
@@ -82,12 +93,8 @@ if HAVE_TRITON:
         x_at = x_ptr + (b * sxb + s * sxs + h * sxh)[:, None] + cols[None, :]
         x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_at + HALF, mask=mask, other=0.0).to(tl.float32)
-        c_at = cos_ptr + (b * scb + s * scs)[:, None] + cols[None, :] * scd
-        s_at = sin_ptr + (b * ssb + s * sss)[:, None] + cols[None, :] * ssd
-        c1 = tl.load(c_at, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(c_at + HALF * scd, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(s_at, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(s_at + HALF * ssd, mask=mask, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss, ssd,
+                                         HALF)
         if HAS_W:
             rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
             w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
@@ -122,12 +129,8 @@ if HAVE_TRITON:
             g_at = dy_ptr + (b * sgb + s * sgs + h * sgh)[:, None] + cols[None, :] * sgd
             g1 = tl.load(g_at, mask=mask, other=0.0).to(tl.float32)
             g2 = tl.load(g_at + HALF * sgd, mask=mask, other=0.0).to(tl.float32)
-            c_at = cos_ptr + (b * scb + s * scs)[:, None] + cols[None, :] * scd
-            s_at = sin_ptr + (b * ssb + s * sss)[:, None] + cols[None, :] * ssd
-            c1 = tl.load(c_at, mask=mask, other=0.0).to(tl.float32)
-            c2 = tl.load(c_at + HALF * scd, mask=mask, other=0.0).to(tl.float32)
-            s1 = tl.load(s_at, mask=mask, other=0.0).to(tl.float32)
-            s2 = tl.load(s_at + HALF * ssd, mask=mask, other=0.0).to(tl.float32)
+            c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss,
+                                             ssd, HALF)
             # dn = dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = (z2, -z1)
             dn1 = g1 * c1 + g2 * s2
             dn2 = g2 * c2 - g1 * s1
