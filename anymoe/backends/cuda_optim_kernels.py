@@ -5,13 +5,16 @@ grid covers every chunk of BLOCK elements of every tensor in a bucket (a "chunk 
 which tensor and offset each program owns) and each program finds its tensors' addresses in
 int64 pointer tables. A full chunk loads and stores unmasked with 16-byte-aligned bases
 (``tl.multiple_of``), so the loads are vectorised; only a tensor's last chunk is masked.
-Prototype on an H100 over moe-1b's 111 bf16 parameters (1.306B elements): 6.82 ms against
-8.87 ms for ``torch.optim.AdamW(fused=True)``; without the hints and the unmasked branch the
-same kernel took 22 ms, and one launch per tensor cost 3.4 ms of host time (bench/optimizer.py).
+On an H100 over moe-1b's 111 bf16 parameters (1.306B elements): 6.68 ms against 8.03 ms for
+``torch.optim.AdamW(fused=True)`` (bench/optimizer.py, bench/results/gpu_h100/session4/); without
+the hints and the unmasked branch a prototype took 22 ms, and one launch per tensor cost 3.4 ms
+of host time.
 
 Math in fp32 whatever the storage dtypes (bf16, fp16, fp32; one rounding per stored value, like
 torch's fused kernel), in torch AdamW's order: p *= 1 - lr*wd, m = lerp(m, g, 1 - beta1),
-v = beta2*v + (1 - beta2)*g^2, p -= lr/(1 - beta1^t) * m / (sqrt(v)/sqrt(1 - beta2^t) + eps).
+v = beta2*v + (1 - beta2)*g^2, p -= lr/(1 - beta1^t) * m / (sqrt(v)/sqrt(1 - beta2^t) + eps);
+1 - beta comes from the host in double (torch's CUDA kernel forms it in float32, 1.3e-5 off
+for beta = 0.999).
 
 ``TritonAdamW`` keeps torch.optim.AdamW's state exactly (``step`` a float32 scalar on the CPU as
 in torch's non-fused AdamW, ``exp_avg`` and ``exp_avg_sq`` like the parameter), so checkpoints
