@@ -5,6 +5,7 @@ Run on the GPU machine: ``python -m pytest -m gpu tests/backends/test_cuda_kerne
 
 import pytest
 import torch
+from cuda_graph_capture import capture
 
 from anymoe.core import dispatch_fast as dfast
 from anymoe.core.grouped_mm import grouped_mm_loop
@@ -210,15 +211,7 @@ def test_torch_compile_and_cuda_graph_match_eager():
         assert _rel(a, b) < 1e-2
     # CUDA graph: capture once, then replay on new routing copied into the static inputs.
     static_ids = ids.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            _fast_step(args[0], static_ids, *args[1:], g, gmm)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = _fast_step(args[0], static_ids, *args[1:], g, gmm)
+    graph, static_out = capture(lambda: _fast_step(args[0], static_ids, *args[1:], g, gmm))
     new_ids, _, _ = _problem(T, K, E, D, Fh, 4.0, seed=6)
     static_ids.copy_(new_ids.to(DEV))
     graph.replay()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cuda_graph_capture import capture
 
 from anymoe.core import losses
 
@@ -157,15 +158,7 @@ def test_cuda_graph_capture_and_replay_on_new_labels():
         loss = losses.cross_entropy_sum(x, static_labels)
         return loss, torch.autograd.grad(loss, x)[0]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # fails on any host synchronisation inside
-        static_loss, static_grad = step()
+    graph, (static_loss, static_grad) = capture(step)  # fails on any host synchronisation inside
     _, new_labels, _ = _problem(N, V, torch.bfloat16, ignored=0.6, seed=9)
     static_labels.copy_(new_labels)
     graph.replay()

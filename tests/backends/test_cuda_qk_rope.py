@@ -12,6 +12,7 @@ bf16 1e-2 and fp16 2e-3 (one rounding to nearest at the output: <= 2^-9 and 2^-1
 
 import pytest
 import torch
+from cuda_graph_capture import capture
 
 from anymoe.core.qk_norm_rope import TORCH_QK_NORM_ROPE_OPS, qk_norm_rope, qk_norm_rope_ops_for
 
@@ -143,15 +144,7 @@ def test_cuda_graph_replay_matches_eager():
         y = qk_norm_rope(p.x(qkv), w, EPS, p.cos, p.sin)
         return (y, *torch.autograd.grad(y, (qkv, w), dy))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = capture(step)
     with torch.no_grad():
         qkv.copy_(torch.randn_like(qkv))  # new inputs in the captured buffers
         w.copy_(torch.rand_like(w) + 0.5)
