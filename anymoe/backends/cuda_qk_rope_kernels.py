@@ -70,6 +70,11 @@ if HAVE_TRITON:
         return b.to(tl.int64), s.to(tl.int64), h.to(tl.int64), r < N
 
     @triton.jit
+    def _row_rstd(x1, x2, eps, HALF: tl.constexpr):
+        # Each row's 1/rms from its two halves: the forward's, and the backward's recomputation.
+        return 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+
+    @triton.jit
     def _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss, ssd, HALF: tl.constexpr):
         # The rows' cos and sin, each as its two halves (fp32), for the tile's (b, s).
         c_at = cos_ptr + (b * scb + s * scs)[:, None] + cols[None, :] * scd
@@ -96,7 +101,7 @@ if HAVE_TRITON:
         c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss, ssd,
                                          HALF)
         if HAS_W:
-            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+            rstd = _row_rstd(x1, x2, eps, HALF)
             w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
             w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
             n1 = x1 * rstd[:, None] * w1[None, :]
@@ -140,7 +145,7 @@ if HAVE_TRITON:
                 x_at = x_ptr + (b * sxb + s * sxs + h * sxh)[:, None] + cols[None, :]
                 x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
                 x2 = tl.load(x_at + HALF, mask=mask, other=0.0).to(tl.float32)
-                rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+                rstd = _row_rstd(x1, x2, eps, HALF)
                 xh1 = x1 * rstd[:, None]
                 xh2 = x2 * rstd[:, None]
                 dw1 += tl.sum(dn1 * xh1, axis=0)
