@@ -43,11 +43,38 @@ class RotaryEmbedding(nn.Module):
     or in float64 for a float64 model (the reference tests).
     """
 
+    _CACHED = 8  # tables kept by ``shared_positions`` (train and eval lengths, dtypes)
+
     def __init__(self, dim: int, theta: float) -> None:
         super().__init__()
         self.dim, self.theta = dim, theta
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def shared_positions(self, start: int, end: int, dtype: torch.dtype,
+                         device: torch.device) -> tuple[Tensor, Tensor]:
+        """Tables [1, end - start, Dh] for positions start..end-1, the same in every row.
+
+        Cached: every training step hands the blocks the same two tensors, so a compiled block
+        replayed as a CUDA graph reads them in place (they are marked static) instead of copying
+        them into the graph before each replay, and the step starts without the ~6 small kernels
+        that build them. Values equal ``forward`` on those positions. Not cached under
+        inference mode (its tensors cannot enter a later training step's autograd graph), nor
+        while a tracer records the forward (an exporter must see the ops, not a constant)."""
+        if torch.is_inference_mode_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self(torch.arange(start, end, device=device)[None], dtype)
+        key = (start, end, dtype, device)
+        hit = self._tables.get(key)
+        if hit is not None:
+            return hit
+        tables = self(torch.arange(start, end, device=device)[None], dtype)
+        for t in tables:
+            torch._dynamo.mark_static_address(t, guard=False)
+        if len(self._tables) >= self._CACHED:
+            self._tables.pop(next(iter(self._tables)))
+        self._tables[key] = tables
+        return tables
 
     def forward(self, pos_BS: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if dtype == torch.float64:
@@ -107,22 +134,21 @@ def build_attention_mask(key_valid_BL: Tensor | None, S: int, L: int, device: to
     return allowed[:, None]
 
 
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or bool(is_exporting and is_exporting())
-
-
 def attend(q_BHSD: Tensor, k_BGLD: Tensor, v_BGLD: Tensor, mask: Tensor | None, scale: float,
-           dropout: float, rep: int = 1) -> Tensor:
+           dropout: float, rep: int = 1, repeat_kv_heads: bool = False) -> Tensor:
     """Scaled dot-product attention (causal when no explicit mask is given); ``rep`` = H / G query
     heads per key/value head (a Python int, so tracers see no shape test).
 
-    Grouped-query attention uses SDPA's ``enable_gqa`` (no copy of the keys and values per
-    query head); exporters get the equivalent explicit ``repeat_kv`` instead.
+    Grouped-query attention uses SDPA's ``enable_gqa``: no copy of the keys and values per query
+    head, eagerly and under torch.compile alike (the attention kernel reads the G heads).
+    ``repeat_kv_heads``: the explicit ``repeat_kv`` instead, for exporters (ONNX) that lack
+    ``enable_gqa``; the exporter asks for it (``MoETransformer.set_export_formulation``). It is
+    not guessed from tracer state: on torch 2.11 that guess also fired under torch.compile and
+    put a materialised repeat (and its gradient sum) into every compiled training step.
     """
     kwargs: dict = {"dropout_p": dropout, "scale": scale}
     if rep > 1:
-        if _exporting():
+        if repeat_kv_heads:
             k_BGLD, v_BGLD = repeat_kv(k_BGLD, rep), repeat_kv(v_BGLD, rep)
         else:
             kwargs["enable_gqa"] = True
@@ -150,6 +176,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(Dh, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.scale = Dh ** -0.5
+        self.repeat_kv_heads = False  # True: explicit K/V repeat for exporters (see ``attend``)
 
     def project_qkv(self, x_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k and v from one GEMM over the concatenated weights when all three are plain
@@ -183,7 +210,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0,
-                     self.n_heads // self.n_kv_heads)
+                     self.n_heads // self.n_kv_heads, self.repeat_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -30,7 +30,7 @@ class LogitsOnly(nn.Module):
     def __init__(self, model: MoETransformer) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).cpu().float().eval()
-        self.model.set_moe_impl("every_expert")
+        self.model.set_export_formulation()
 
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.model(input_ids)

@@ -212,6 +212,15 @@ class MoETransformer(nn.Module):
         for b in self.blocks:
             b.every_expert = impl == "every_expert"
 
+    def set_export_formulation(self, on: bool = True) -> None:
+        """The exporters' formulation (``on``) or the training one: MoE layers through every
+        expert (``set_moe_impl``) and grouped-query attention with an explicit K/V repeat
+        (SDPA's ``enable_gqa`` does not export to ONNX everywhere). Same function either way."""
+        self.set_moe_impl("every_expert" if on else "dispatch")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.repeat_kv_heads = on
+
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layers)
 
@@ -248,17 +257,17 @@ class MoETransformer(nn.Module):
         if attention_mask is not None and attention_mask.shape != (B, L):
             raise ValueError(f"attention_mask must be [B, past + S] = [{B}, {L}]; "
                              f"got {list(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, L, device=input_ids.device).expand(B, S)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         n_moe = self.num_moe_layers
         if replay_ids is not None and len(replay_ids) != n_moe:
             raise ValueError(f"replay_ids needs one [T, K] tensor per MoE layer ({n_moe}); "
                              f"got {len(replay_ids)}")
         x = self.embed(input_ids)
-        cos, sin = self.rope(position_ids, x.dtype)
+        if position_ids is None:  # past..L-1 in every row: cached tables, broadcast over the batch
+            cos, sin = self.rope.shared_positions(past, L, x.dtype, x.device)
+        else:
+            cos, sin = self.rope(position_ids, x.dtype)
         # No padding and no cache: SDPA's causal flag (mask None), with no shape test a tracer would freeze.
         no_mask = attention_mask is None and kv_cache is None
         mask = None if no_mask else build_attention_mask(attention_mask, S, L, x.device)

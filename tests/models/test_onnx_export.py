@@ -90,18 +90,18 @@ class _Pow2:
 
 @pytest.mark.parametrize("name", list(MOES))
 @pytest.mark.parametrize("padded", [False, True])
-def test_every_expert_formulation_equals_dispatch_path(name, padded):
+def test_export_formulation_equals_training_path(name, padded):
     model = _model(name, backend=_Pow2() if padded else None, dtype=torch.float64)
     ids = torch.randint(0, 40, (2, 9))
     w = torch.randn(2, 9, 40, dtype=torch.float64)
     grads = []
-    for impl in ("dispatch", "every_expert"):
-        model.set_moe_impl(impl)
+    for export in (False, True):  # every expert, and K/V repeated explicitly (GQA presets)
+        model.set_export_formulation(export)
         model.zero_grad()
         out = model(ids)
         (out * w).sum().backward()
         grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    model.set_moe_impl("dispatch")
+    model.set_export_formulation(False)
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
     for n in grads[0][1]:
         torch.testing.assert_close(grads[0][1][n], grads[1][1][n], rtol=1e-9, atol=1e-11, msg=n)

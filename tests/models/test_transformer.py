@@ -103,6 +103,33 @@ def test_kv_cache_incremental_equals_full(name):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
 
 
+def test_shared_rope_tables_are_cached_and_equal_per_row_tables():
+    """The tables for positions shared by every row come from a cache (the same two tensors on
+    every step, for CUDA-graph replays), equal the per-row computation, and are not cached
+    under inference mode; the model's logits equal those with explicit position ids."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).double()
+    rope = model.rope
+    for dtype in (torch.float32, torch.float64):
+        first = rope.shared_positions(3, 11, dtype, torch.device("cpu"))
+        again = rope.shared_positions(3, 11, dtype, torch.device("cpu"))
+        assert first[0] is again[0] and first[1] is again[1]
+        pos = torch.arange(3, 11).expand(5, 8)
+        for shared, per_row in zip(first, rope(pos, dtype)):
+            assert shared.shape == (1, 8, rope.dim) and shared.dtype == dtype
+            assert torch.equal(shared.expand_as(per_row), per_row)
+    with torch.inference_mode():
+        a = rope.shared_positions(0, 4, torch.float32, torch.device("cpu"))
+        assert a[0] is not rope.shared_positions(0, 4, torch.float32, torch.device("cpu"))[0]
+    assert len(rope._tables) <= rope._CACHED
+    ids = torch.randint(0, 40, (3, 9))
+    explicit = model(ids, position_ids=torch.arange(9).expand(3, 9))
+    assert torch.equal(model(ids), explicit)
+    for n in range(2 * rope._CACHED):  # bounded: old lengths are dropped
+        rope.shared_positions(0, n + 1, torch.float64, torch.device("cpu"))
+    assert len(rope._tables) == rope._CACHED
+
+
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_checkpointing_same_loss_and_grads(mode):
     cfg = tiny(first_dense_layers=1, dense_hidden=32)

@@ -180,6 +180,48 @@ def test_checkpointed_blocks_compile_what_the_checkpoint_recomputes(mode, parts)
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def _attention_key_heads(device: str) -> tuple[list[int], int]:
+    """Compile the tiny preset's blocks (grouped-query attention) with a backend that records the
+    traced forward graphs; the head count of the key each attention call reads, and G."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from anymoe.core.backend import get_backend
+    from anymoe.models.presets import preset
+    from anymoe.models.transformer import MoETransformer
+
+    heads: list[int] = []
+
+    def record(gm, _inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "scaled_dot_product" in str(node.target) \
+                    and "backward" not in str(node.target):
+                heads.append(node.args[1].meta["val"].shape[1])
+        return make_boxed_func(gm.forward)
+
+    backend = get_backend(device)
+    cfg = preset("tiny")
+    assert cfg.n_heads > cfg.kv_heads  # grouped-query attention
+    model = MoETransformer(cfg, backend=backend).to(device)
+    compile_blocks(model, backend, "blocks", compiler=aot_autograd(fw_compiler=record, bw_compiler=record))
+    model(torch.randint(0, cfg.vocab_size, (2, 16), device=device)).float().sum().backward()
+    return heads, cfg.kv_heads
+
+
+def test_compiled_attention_reads_the_kv_heads_without_a_repeat():
+    """The compiled graph hands SDPA the G key/value heads (enable_gqa), never a materialised
+    repeat: on torch 2.11 a tracer-state guess put one into every compiled step."""
+    heads, groups = _attention_key_heads("cpu")
+    assert heads and set(heads) == {groups}, heads
+
+
+@pytest.mark.gpu
+def test_compiled_attention_reads_the_kv_heads_without_a_repeat_on_cuda():
+    _cuda_or_skip()
+    heads, groups = _attention_key_heads("cuda")
+    assert heads and set(heads) == {groups}, heads
+
+
 def test_config_refuses_cudagraphs_with_activation_checkpointing():
     data = _cfg(compile="blocks_cudagraphs")
     data["model"] = {**data["model"], "checkpointing": "full"}
