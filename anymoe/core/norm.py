@@ -27,6 +27,11 @@ class NormOps:
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         return weight * x32.to(x.dtype)
 
+    def add_rms_norm(self, x: Tensor, d: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """(s, rms_norm(s)) with s = x + d (s = x when d is None)."""
+        s = x if d is None else x + d
+        return s, self.rms_norm(s, weight, eps)
+
 
 TORCH_NORM_OPS = NormOps()
 _REGISTRY: OpRegistry[NormOps] = OpRegistry("norm", TORCH_NORM_OPS)
@@ -47,4 +52,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return norm_ops_for(x).rms_norm(x, weight, eps)
 
 
-__all__ = ["TORCH_NORM_OPS", "NormOps", "norm_ops_for", "register_norm_ops", "rms_norm"]
+def add_rms_norm(x: Tensor, d: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual add and the norm after it as one op: ``(s, rms_norm(s, weight, eps))`` with
+    ``s = x + d`` (``x`` alone when d is None). Where a backend fuses it, the backward is one
+    pass too: the norm's input gradient plus s's gradient from the residual stream."""
+    return norm_ops_for(x).add_rms_norm(x, d, weight, eps)
+
+
+__all__ = ["TORCH_NORM_OPS", "NormOps", "add_rms_norm", "norm_ops_for", "register_norm_ops", "rms_norm"]

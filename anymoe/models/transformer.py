@@ -6,6 +6,10 @@ sandwich norm on each sublayer output (Pangu Ultra):
     h   = x + post_attn_norm(attn(attn_norm(x)))      post_*_norm only with sandwich_norm
     out = h + post_ffn_norm(ffn(ffn_norm(h)))         ffn = MoELayer, or DenseMLP for the first N
 
+A block hands ``out`` on as the pair (h, f): the next block's attn_norm (or the final norm)
+does the add, fused with the norm where the backend has the kernel (``add_rms_norm``), so no
+residual add is a pass of its own, forward or backward. The arithmetic is the same.
+
 Parameters are created on the CPU from torch's global generator (the caller seeds it), so
 every backend starts from bit-identical weights; the caller then moves the model with
 ``.to(backend.device())``. The backend only supplies the MoE layers' grouped matmul and
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from anymoe.core.moe import MoEAux, MoELayer
+from anymoe.core.norm import add_rms_norm
 from anymoe.models.cache import KVCache
 from anymoe.models.config import ModelConfig
 from anymoe.models.layers import Attention, DenseMLP, RMSNorm, RotaryEmbedding, build_attention_mask, init_std
@@ -75,46 +80,54 @@ class Block(nn.Module):
         self.checkpointing = cfg.checkpointing
         self.every_expert = False  # MoETransformer.set_moe_impl("every_expert") for export
 
-    def _attn(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def _attn(self, y: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
               cache: KVCache | None) -> Tensor:
-        y = self.attn(self.attn_norm(x), (cos, sin), mask, cache)
-        return y if self.post_attn_norm is None else self.post_attn_norm(y)
+        a = self.attn(y, (cos, sin), mask, cache)
+        return a if self.post_attn_norm is None else self.post_attn_norm(a)
 
-    def _dense(self, x: Tensor) -> Tensor:
-        y = self.ffn(self.ffn_norm(x))
-        return y if self.post_ffn_norm is None else self.post_ffn_norm(y)
+    def _dense(self, y: Tensor) -> Tensor:
+        f = self.ffn(y)
+        return f if self.post_ffn_norm is None else self.post_ffn_norm(f)
 
-    def _moe(self, x: Tensor, token_ids: Tensor | None,
+    def _moe(self, y: Tensor, token_ids: Tensor | None,
              replay: Tensor | None) -> tuple[Tensor, MoEAux | None]:
         if self.every_expert:  # export / inference formulation (moe_dense.py): no aux record
-            y, aux = dense_moe_forward(self.ffn, self.ffn_norm(x), token_ids), None
+            f, aux = dense_moe_forward(self.ffn, y, token_ids), None
         else:
-            y, aux = self.ffn(self.ffn_norm(x), token_ids=token_ids, replay_ids=replay)
-        return (y if self.post_ffn_norm is None else self.post_ffn_norm(y)), aux
+            f, aux = self.ffn(y, token_ids=token_ids, replay_ids=replay)
+        return (f if self.post_ffn_norm is None else self.post_ffn_norm(f)), aux
 
-    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
-                 token_ids: Tensor | None, replay: Tensor | None) -> tuple[Tensor, MoEAux | None]:
+    def _forward(self, x: Tensor, delta: Tensor | None, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                 cache: KVCache | None, token_ids: Tensor | None,
+                 replay: Tensor | None) -> tuple[Tensor, Tensor, MoEAux | None]:
         selective = self.checkpointing == "selective" and self.training and cache is None
+        x, y = add_rms_norm(x, delta, self.attn_norm.weight, self.attn_norm.eps)  # x += the last update
         if selective:  # recompute attention in backward; keep the MoE (its dispatch may communicate)
-            a = checkpoint(self._attn, x, cos, sin, mask, None, use_reentrant=False)
+            a = checkpoint(self._attn, y, cos, sin, mask, None, use_reentrant=False)
         else:
-            a = self._attn(x, cos, sin, mask, cache)
-        h = x + self.drop(a)
+            a = self._attn(y, cos, sin, mask, cache)
+        h, y = add_rms_norm(x, self.drop(a), self.ffn_norm.weight, self.ffn_norm.eps)
         if self.is_moe:
-            f, aux = self._moe(h, token_ids, replay)
+            f, aux = self._moe(y, token_ids, replay)
         else:
-            f = checkpoint(self._dense, h, use_reentrant=False) if selective else self._dense(h)
+            f = checkpoint(self._dense, y, use_reentrant=False) if selective else self._dense(y)
             aux = None
-        return h + self.drop(f), aux
+        return h, self.drop(f), aux
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
                 cache: KVCache | None = None, token_ids: Tensor | None = None,
-                replay: Tensor | None = None) -> tuple[Tensor, MoEAux | None]:
+                replay: Tensor | None = None,
+                delta: Tensor | None = None) -> tuple[Tensor, Tensor, MoEAux | None]:
+        """The residual stream arrives as ``x + delta`` (delta: the previous block's FFN output,
+        None for the first block) and leaves as ``h + f``: each residual add is done by the
+        norm that follows it (``add_rms_norm``, one kernel per direction where the backend
+        fuses them) instead of by a separate add. Returns (h, f, aux)."""
         if self.checkpointing == "full" and self.training and cache is None:
             # Whole-block recompute. The recompute routes the same tokens again, so the aux-free load
             # counters see every token twice: a uniform factor that sign(mean - load) ignores.
-            return checkpoint(self._forward, x, cos, sin, mask, None, token_ids, replay, use_reentrant=False)
-        return self._forward(x, cos, sin, mask, cache, token_ids, replay)
+            return checkpoint(self._forward, x, delta, cos, sin, mask, None, token_ids, replay,
+                              use_reentrant=False)
+        return self._forward(x, delta, cos, sin, mask, cache, token_ids, replay)
 
 
 class MoETransformer(nn.Module):
@@ -273,14 +286,18 @@ class MoETransformer(nn.Module):
         mask = None if no_mask else build_attention_mask(attention_mask, S, L, x.device)
         auxes: list[MoEAux] = []
         hidden: list[Tensor] | None = [] if return_hidden else None
+        # The residual stream is x + delta (see Block.forward). A zero delta for the first block
+        # rather than None, requiring grad as the later deltas do: one compiled graph serves
+        # every block (None, or a different requires_grad, would be another graph to compile).
+        delta = torch.zeros_like(x).requires_grad_(x.requires_grad)
         for block in self.blocks:
             if hidden is not None:
-                hidden.append(x)
+                hidden.append(x + delta)
             replay = replay_ids[len(auxes)] if (replay_ids is not None and block.is_moe) else None
-            x, aux = block(x, cos, sin, mask, kv_cache, input_ids, replay)
+            x, delta, aux = block(x, cos, sin, mask, kv_cache, input_ids, replay, delta)
             if aux is not None:
                 auxes.append(aux)
-        x = self.norm(x)
+        _, x = add_rms_norm(x, delta, self.norm.weight, self.norm.eps)
         if hidden is not None:
             hidden.append(x)
         logits = self.lm_head(x)

@@ -316,6 +316,55 @@ def test_rms_norm_kernels_match_float64(N, D, dt, wdt):
     assert nk.TRITON_NORM_OPS is not None
 
 
+@pytest.mark.parametrize("N, D, dt, wdt", [(16384, 1024, torch.bfloat16, torch.bfloat16),
+                                           (16387, 1024, torch.bfloat16, torch.bfloat16),
+                                           (37, 1000, torch.bfloat16, torch.float32),
+                                           (64, 4104, torch.float32, torch.float32)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_add_rms_norm_kernels_match_float64(N, D, dt, wdt, compiled):
+    """(s, y) = (x + d, norm(x + d)) and the x, d, weight gradients (s used downstream too),
+    eagerly and under torch.compile (the custom ops), against the float64 torch formula."""
+    from anymoe.core.norm import TORCH_NORM_OPS, add_rms_norm
+
+    g = torch.Generator().manual_seed(N + D)
+    x, d, gy, gs = (torch.randn(N, D, generator=g, dtype=torch.float64) for _ in range(4))
+    w = 1 + 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+    xr, dr, wr = x.clone().requires_grad_(), d.clone().requires_grad_(), w.clone().requires_grad_()
+    s_ref, y_ref = TORCH_NORM_OPS.add_rms_norm(xr, dr, wr, 1e-6)
+    ((y_ref * gy).sum() + (s_ref * gs).sum()).backward()
+    fn = torch.compile(add_rms_norm, fullgraph=True) if compiled else add_rms_norm
+    xk, dk = x.to(DEV, dt).requires_grad_(), d.to(DEV, dt).requires_grad_()
+    wk = w.to(DEV, wdt).requires_grad_()
+    s, y = fn(xk, dk, wk, 1e-6)
+    ((y * gy.to(DEV, y.dtype)).sum() + (s * gs.to(DEV, dt)).sum()).backward()
+    tol = 1e-6 if dt == torch.float32 else 1e-2
+    for a, b in [(s, s_ref), (y, y_ref), (xk.grad, xr.grad), (dk.grad, dr.grad), (wk.grad, wr.grad)]:
+        assert _rel(a, b) < tol
+
+
+def test_add_rms_norm_is_one_custom_op_per_direction_under_compile():
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from anymoe.core.norm import add_rms_norm
+
+    targets: list[str] = []
+
+    def record(gm, _inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    x, d = (torch.randn(4, 64, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w = torch.ones(256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    recorder = aot_autograd(fw_compiler=record, bw_compiler=record)
+    fn = torch.compile(add_rms_norm, backend=recorder, fullgraph=True)
+    s, y = fn(x, d, w, 1e-6)
+    (s.float().sum() + y.float().square().sum()).backward()
+    assert "anymoe.add_rms_norm_fwd.default" in targets and "anymoe.rms_norm_bwd.default" in targets, targets
+    assert not any("rsqrt" in t or "aten.add" in t for t in targets), targets
+
+
 def test_rms_norm_under_compile_is_the_formula():
     from anymoe.core.norm import rms_norm
 

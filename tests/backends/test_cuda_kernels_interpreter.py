@@ -71,13 +71,31 @@ for N, D, dt, wdt in [(5, 70, torch.float32, torch.float32), (40, 64, torch.bflo
     for a, b in [(y, ref), (xk.grad, xr.grad), (wk.grad, wr.grad)]:
         err = float((a.double() - b.double()).abs().max()) if N else 0.0
         assert err <= tol * max(1.0, float(b.abs().max()) if N else 1.0), (N, D, dt, wdt, err)
+    # the residual add fused in: (s, y) = (x + d, norm(x + d)); s's gradient with or without one
+    for s_used in (True, False):
+        d = torch.randn(N, D, generator=g, dtype=torch.float64)
+        gs = torch.randn(N, D, generator=g, dtype=torch.float64)
+        xr, dr, wr = x.clone().requires_grad_(), d.clone().requires_grad_(), w.clone().requires_grad_()
+        s_ref, ref = TORCH_NORM_OPS.add_rms_norm(xr, dr, wr, 1e-6)
+        ((ref * gy).sum() + (s_ref * gs).sum() * s_used).backward()
+        xk, dk, wk = x.to(dt).requires_grad_(), d.to(dt).requires_grad_(), w.to(wdt).requires_grad_()
+        s, y = nk._AddRMSNorm.apply(xk, dk, wk, 1e-6)
+        assert s.dtype == dt and y.dtype == torch.promote_types(dt, wdt), (s.dtype, y.dtype)
+        loss = (y * gy.to(y.dtype)).sum()
+        ((loss + (s * gs.to(dt)).sum()) if s_used else loss).backward()
+        pairs = [(s, s_ref), (y, ref), (xk.grad, xr.grad), (dk.grad, dr.grad), (wk.grad, wr.grad)]
+        for a, b in pairs:
+            err = float((a.double() - b.double()).abs().max()) if N else 0.0
+            assert err <= tol * max(1.0, float(b.abs().max()) if N else 1.0), (N, D, dt, wdt, s_used, err)
 print("ok")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels")
 def test_rms_norm_kernels_in_triton_cpu_interpreter():
-    """Forward and backward (x and weight gradients) against the float64 torch formula."""
+    """Forward and backward (x and weight gradients) against the float64 torch formula; the
+    same with the residual add fused in (x, d and weight gradients, with and without a
+    gradient of the sum)."""
     _interpret(NORM_CODE)
 
 

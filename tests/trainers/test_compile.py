@@ -202,7 +202,8 @@ def _attention_key_heads(device: str) -> tuple[list[int], int]:
     backend = get_backend(device)
     cfg = preset("tiny")
     assert cfg.n_heads > cfg.kv_heads  # grouped-query attention
-    model = MoETransformer(cfg, backend=backend).to(device)
+    # bf16 on CUDA: the dtype of the fused attention kernels (float32 takes SDPA's math path)
+    model = MoETransformer(cfg, backend=backend).to(device, torch.bfloat16 if device == "cuda" else None)
     compile_blocks(model, backend, "blocks", compiler=aot_autograd(fw_compiler=record, bw_compiler=record))
     model(torch.randint(0, cfg.vocab_size, (2, 16), device=device)).float().sum().backward()
     return heads, cfg.kv_heads
