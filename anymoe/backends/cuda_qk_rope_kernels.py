@@ -116,7 +116,7 @@ if HAVE_TRITON:
     @triton.jit
     def _qk_norm_rope_bwd_kernel(
         x_ptr, w_ptr, cos_ptr, sin_ptr, dy_ptr, dx_ptr, dwp_ptr, N, S, H,
-        sxb, sxs, sxh, scb, scs, scd, ssb, sss, ssd, sgb, sgs, sgh, sgd, eps,
+        sxb, sxs, sxh, scb, scs, scd, ssb, sss, ssd, sgb, sgs, sgh, sgd, sdb, sds, sdh, eps,
         HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
         HAS_W: tl.constexpr, HEAD_MAJOR: tl.constexpr,
     ):
@@ -155,7 +155,7 @@ if HAVE_TRITON:
                 mean = (tl.sum(d1 * xh1, axis=1) + tl.sum(d2 * xh2, axis=1)) / (2 * HALF)
                 dn1 = rstd[:, None] * (d1 - xh1 * mean[:, None])
                 dn2 = rstd[:, None] * (d2 - xh2 * mean[:, None])
-            dx_at = dx_ptr + (((b * S + s) * H + h) * (2 * HALF))[:, None] + cols[None, :]
+            dx_at = dx_ptr + (b * sdb + s * sds + h * sdh)[:, None] + cols[None, :]
             tl.store(dx_at, dn1.to(dx_ptr.dtype.element_ty), mask=mask)
             tl.store(dx_at + HALF, dn2.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_W:
@@ -204,11 +204,13 @@ def launch_qk_norm_rope_fwd(x_BSHD: Tensor, w_D: Tensor | None, cos_BSD: Tensor,
 
 
 def launch_qk_norm_rope_bwd(dy_BSHD: Tensor, x_BSHD: Tensor, w_D: Tensor | None, cos_BSD: Tensor,
-                            sin_BSD: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(dx [B, S, H, D] contiguous in x's dtype, dw [D] in w's dtype; an empty dw without w)."""
+                            sin_BSD: Tensor, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(dx [B, S, H, D] in x's dtype, dw [D] in w's dtype; an empty dw without w). dx is ``out``
+    when given (any strides with a last stride of 1: a slice of a larger gradient), else new
+    and contiguous."""
     B, S, H, D = x_BSHD.shape
     cos_BSD, sin_BSD = _rope_tables(x_BSHD, cos_BSD, sin_BSD)
-    dx = torch.empty(B, S, H, D, dtype=x_BSHD.dtype, device=x_BSHD.device)
+    dx = torch.empty(B, S, H, D, dtype=x_BSHD.dtype, device=x_BSHD.device) if out is None else out
     N = B * S * H
     block, rows = _tiling(D) if D else (1, 1)
     tiles = triton.cdiv(N, rows)
@@ -219,12 +221,42 @@ def launch_qk_norm_rope_bwd(dy_BSHD: Tensor, x_BSHD: Tensor, w_D: Tensor | None,
         _qk_norm_rope_bwd_kernel[(programs,)](
             x_BSHD, x_BSHD if w_D is None else w_D, cos_BSD, sin_BSD, dy_BSHD, dx, partial, N, S, H,
             x_BSHD.stride(0), x_BSHD.stride(1), x_BSHD.stride(2), *cos_BSD.stride(), *sin_BSD.stride(),
-            *dy_BSHD.stride(), eps, HALF=D // 2, BLOCK=block, ROWS=rows, ITERS=iters,
+            *dy_BSHD.stride(), *dx.stride()[:3], eps, HALF=D // 2, BLOCK=block, ROWS=rows, ITERS=iters,
             HAS_W=w_D is not None, HEAD_MAJOR=_head_major(dy_BSHD), num_warps=4,
         )
     if w_D is None:
         return dx, x_BSHD.new_empty(0)
     return dx, partial.sum(0).to(w_D.dtype)  # no rows: zeros
+
+
+def _qkv_heads(qkv_BSHD: Tensor, n_q: int, n_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_BSHD.split([n_q, n_k, qkv_BSHD.shape[2] - n_q - n_k], dim=2)
+
+
+def launch_qkv_norm_rope_fwd(qkv_BSHD: Tensor, q_w: Tensor | None, k_w: Tensor | None, cos_BSD: Tensor,
+                             sin_BSD: Tensor, eps: float, n_q: int,
+                             n_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v), each new and contiguous: q and k through the forward kernel, v copied (so
+    that the backward writes the projection's whole gradient itself, see the bwd)."""
+    x_q, x_k, x_v = _qkv_heads(qkv_BSHD, n_q, n_k)
+    q = launch_qk_norm_rope_fwd(x_q, q_w, cos_BSD, sin_BSD, eps)
+    k = launch_qk_norm_rope_fwd(x_k, k_w, cos_BSD, sin_BSD, eps)
+    return q, k, x_v.clone(memory_format=torch.contiguous_format)
+
+
+def launch_qkv_norm_rope_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv_BSHD: Tensor, q_w: Tensor | None,
+                             k_w: Tensor | None, cos_BSD: Tensor, sin_BSD: Tensor, eps: float, n_q: int,
+                             n_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(d qkv [B, S, n_q + 2 n_k, D] contiguous, dq_w, dk_w): the two backward kernels write
+    their heads' slices of the projection's gradient and dv is copied into the rest, so no
+    concatenation (with attention's [B, H, S, D]-strided dv transposed on the way) follows."""
+    dqkv = torch.empty(qkv_BSHD.shape, dtype=qkv_BSHD.dtype, device=qkv_BSHD.device)
+    x_q, x_k, _ = _qkv_heads(qkv_BSHD, n_q, n_k)
+    d_q, d_k, d_v = _qkv_heads(dqkv, n_q, n_k)
+    _, dq_w = launch_qk_norm_rope_bwd(dq, x_q, q_w, cos_BSD, sin_BSD, eps, out=d_q)
+    _, dk_w = launch_qk_norm_rope_bwd(dk, x_k, k_w, cos_BSD, sin_BSD, eps, out=d_k)
+    d_v.copy_(dv)
+    return dqkv, dq_w, dk_w
 
 
 # --- custom ops: one opaque node each for torch.compile, capturable by CUDA graphs ---
@@ -254,6 +286,29 @@ if HAVE_TRITON:
         return x.new_empty(x.shape), dw
 
 
+    @torch.library.custom_op("anymoe::qkv_norm_rope_fwd", mutates_args=(), device_types="cuda")
+    def _qkv_norm_rope_fwd_op(qkv: Tensor, q_w: Tensor | None, k_w: Tensor | None, cos: Tensor, sin: Tensor,
+                              eps: float, n_q: int, n_k: int) -> tuple[Tensor, Tensor, Tensor]:
+        return launch_qkv_norm_rope_fwd(qkv, q_w, k_w, cos, sin, eps, n_q, n_k)
+
+    @_qkv_norm_rope_fwd_op.register_fake
+    def _(qkv, q_w, k_w, cos, sin, eps, n_q, n_k):
+        x_q, x_k, x_v = _qkv_heads(qkv, n_q, n_k)
+        return (_qk_norm_rope_fwd_op(x_q, q_w, cos, sin, eps), _qk_norm_rope_fwd_op(x_k, k_w, cos, sin, eps),
+                x_v.new_empty(x_v.shape))
+
+    @torch.library.custom_op("anymoe::qkv_norm_rope_bwd", mutates_args=(), device_types="cuda")
+    def _qkv_norm_rope_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, qkv: Tensor, q_w: Tensor | None,
+                              k_w: Tensor | None, cos: Tensor, sin: Tensor, eps: float, n_q: int,
+                              n_k: int) -> tuple[Tensor, Tensor, Tensor]:
+        return launch_qkv_norm_rope_bwd(dq, dk, dv, qkv, q_w, k_w, cos, sin, eps, n_q, n_k)
+
+    @_qkv_norm_rope_bwd_op.register_fake
+    def _(dq, dk, dv, qkv, q_w, k_w, cos, sin, eps, n_q, n_k):
+        dw = [qkv.new_empty(0) if w is None else w.new_empty(w.shape) for w in (q_w, k_w)]
+        return qkv.new_empty(qkv.shape), dw[0], dw[1]
+
+
 def _eager() -> bool:
     """Outside torch.compile the launchers run directly: the custom-op layer only adds host time."""
     return not torch.compiler.is_compiling()
@@ -276,6 +331,26 @@ class _QKNormRope(torch.autograd.Function):
         bwd = launch_qk_norm_rope_bwd if _eager() else torch.ops.anymoe.qk_norm_rope_bwd
         dx, dw = bwd(dy_BSHD, x_BSHD, weight_D, cos_BSD, sin_BSD, ctx.eps)
         return dx, None if weight_D is None else dw, None, None, None
+
+
+class _QKVNormRope(torch.autograd.Function):
+    """q, k (normed, rotated) and v from the heads of one fused projection; the backward returns
+    the projection's gradient whole (see launch_qkv_norm_rope_bwd)."""
+
+    @staticmethod
+    def forward(ctx, qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD, eps, n_q, n_k):
+        fwd = launch_qkv_norm_rope_fwd if _eager() else torch.ops.anymoe.qkv_norm_rope_fwd
+        ctx.save_for_backward(qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD)
+        ctx.args = (eps, n_q, n_k)
+        return fwd(qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD, eps, n_q, n_k)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD = ctx.saved_tensors
+        bwd = launch_qkv_norm_rope_bwd if _eager() else torch.ops.anymoe.qkv_norm_rope_bwd
+        dqkv, dq_w, dk_w = bwd(dq, dk, dv, qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD, *ctx.args)
+        dq_w, dk_w = (None if w is None else dw for w, dw in ((q_w, dq_w), (k_w, dk_w)))
+        return dqkv, dq_w, dk_w, None, None, None, None, None
 
 
 class TritonQKNormRopeOps(QKNormRopeOps):
@@ -301,6 +376,16 @@ class TritonQKNormRopeOps(QKNormRopeOps):
         if not self.kernel_takes(x_BSHD, weight_D, cos_BSD, sin_BSD):
             return TORCH_QK_NORM_ROPE_OPS.qk_norm_rope(x_BSHD, weight_D, eps, cos_BSD, sin_BSD)
         return _QKNormRope.apply(x_BSHD, weight_D, cos_BSD, sin_BSD, float(eps))
+
+
+    def qkv_norm_rope(self, qkv_BSHD: Tensor, n_q: int, n_k: int, q_weight: Tensor | None,
+                      k_weight: Tensor | None, eps: float, cos_BSD: Tensor,
+                      sin_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x_q, x_k, _ = _qkv_heads(qkv_BSHD, n_q, n_k)
+        if not (self.kernel_takes(x_q, q_weight, cos_BSD, sin_BSD)
+                and self.kernel_takes(x_k, k_weight, cos_BSD, sin_BSD)):
+            return super().qkv_norm_rope(qkv_BSHD, n_q, n_k, q_weight, k_weight, eps, cos_BSD, sin_BSD)
+        return _QKVNormRope.apply(qkv_BSHD, q_weight, k_weight, cos_BSD, sin_BSD, float(eps), n_q, n_k)
 
 
 TRITON_QK_NORM_ROPE_OPS = TritonQKNormRopeOps() if HAVE_TRITON else None

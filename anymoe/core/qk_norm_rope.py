@@ -47,6 +47,16 @@ class QKNormRopeOps:
         return rope_rotate_half(n_BSHD, cos_BSD, sin_BSD, head_axis=2)
 
 
+    def qkv_norm_rope(self, qkv_BSHD: Tensor, n_q: int, n_k: int, q_weight: Tensor | None,
+                      k_weight: Tensor | None, eps: float, cos_BSD: Tensor,
+                      sin_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(q, k, v) from the heads of one fused projection: the first n_q heads through
+        ``qk_norm_rope`` with q_weight, the next n_k with k_weight, the rest (v) as they are."""
+        q, k, v = qkv_BSHD.split([n_q, n_k, qkv_BSHD.shape[2] - n_q - n_k], dim=2)
+        return (self.qk_norm_rope(q, q_weight, eps, cos_BSD, sin_BSD),
+                self.qk_norm_rope(k, k_weight, eps, cos_BSD, sin_BSD), v)
+
+
 TORCH_QK_NORM_ROPE_OPS = QKNormRopeOps()
 _REGISTRY: OpRegistry[QKNormRopeOps] = OpRegistry("qk_norm_rope", TORCH_QK_NORM_ROPE_OPS)
 
@@ -68,5 +78,15 @@ def qk_norm_rope(x_BSHD: Tensor, weight_D: Tensor | None, eps: float, cos_BSD: T
     return qk_norm_rope_ops_for(x_BSHD).qk_norm_rope(x_BSHD, weight_D, eps, cos_BSD, sin_BSD)
 
 
+def qkv_norm_rope(qkv_BSHD: Tensor, n_q: int, n_k: int, q_weight: Tensor | None, k_weight: Tensor | None,
+                  eps: float, cos_BSD: Tensor, sin_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``qk_norm_rope`` over the query and key heads of one fused q/k/v projection
+    [B, S, n_q + 2 n_k, D], and its value heads: (q, k, v), each [B, S, heads, D]. One op, so a
+    backend's backward can write the projection's gradient whole: on CUDA it writes the q and
+    k gradients into their slices and copies v's, where separate ops left a concatenation."""
+    return qk_norm_rope_ops_for(qkv_BSHD).qkv_norm_rope(qkv_BSHD, n_q, n_k, q_weight, k_weight, eps,
+                                                        cos_BSD, sin_BSD)
+
+
 __all__ = ["TORCH_QK_NORM_ROPE_OPS", "QKNormRopeOps", "qk_norm_rope", "qk_norm_rope_ops_for",
-           "register_qk_norm_rope_ops", "rope_rotate_half"]
+           "qkv_norm_rope", "register_qk_norm_rope_ops", "rope_rotate_half"]

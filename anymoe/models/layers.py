@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from anymoe.core.norm import rms_norm
-from anymoe.core.qk_norm_rope import qk_norm_rope, rope_rotate_half
+from anymoe.core.qk_norm_rope import qkv_norm_rope, rope_rotate_half
 from anymoe.models.cache import KVCache
 from anymoe.models.config import ModelConfig
 
@@ -178,34 +178,30 @@ class Attention(nn.Module):
         self.scale = Dh ** -0.5
         self.repeat_kv_heads = False  # True: explicit K/V repeat for exporters (see ``attend``)
 
-    def project_qkv(self, x_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k and v from one GEMM over the concatenated weights when all three are plain
-        Linears (LoRA-wrapped ones run separately). One wide GEMM runs faster than three narrow
-        ones (k and v are G * Dh wide), and its backward sums the three input gradients inside
-        one GEMM instead of two extra adds. The parameters stay three (checkpoints, HF names)."""
+    def project_qkv(self, x_BSD: Tensor) -> Tensor:
+        """[B, S, (H + 2G) * Dh]: q, k and v side by side, from one GEMM over the concatenated
+        weights when all three are plain Linears (LoRA-wrapped ones run separately and are
+        concatenated). One wide GEMM runs faster than three narrow ones (k and v are G * Dh
+        wide), and its backward sums the three input gradients inside one GEMM instead of two
+        extra adds. The parameters stay three (checkpoints, HF names)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if not all(type(p) is nn.Linear for p in projs):
-            return tuple(p(x_BSD) for p in projs)  # type: ignore[return-value]
+            return torch.cat([p(x_BSD) for p in projs], dim=-1)
         w = torch.cat([p.weight for p in projs])
         b = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
-        q, k, v = F.linear(x_BSD, w, b).split([p.out_features for p in projs], dim=-1)
-        return q, k, v
-
-    @staticmethod
-    def _norm_args(norm: RMSNorm | None) -> tuple[Tensor | None, float]:
-        return (None, 0.0) if norm is None else (norm.weight, norm.eps)
+        return F.linear(x_BSD, w, b)
 
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
         B, S, _ = x_BSD.shape
-        q, k, v = self.project_qkv(x_BSD)
-        q = q.view(B, S, self.n_heads, self.head_dim)
-        k = k.view(B, S, self.n_kv_heads, self.head_dim)
-        v = v.view(B, S, self.n_kv_heads, self.head_dim)
-        # qk-norm and RoPE in one op (one read-once kernel per direction where the backend has
-        # one), in the projections' [B, S, H, Dh] layout; attention takes transposed views.
-        q = qk_norm_rope(q, *self._norm_args(self.q_norm), *rope)
-        k = qk_norm_rope(k, *self._norm_args(self.k_norm), *rope)
+        H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.project_qkv(x_BSD).view(B, S, H + 2 * G, Dh)
+        # qk-norm and RoPE of the query and key heads in one op (a read-once kernel per
+        # direction where the backend has one, whose backward writes the projection's gradient
+        # whole), in the projections' [B, S, H, Dh] layout; attention takes transposed views.
+        q_w, k_w = (None if n is None else n.weight for n in (self.q_norm, self.k_norm))
+        eps = 0.0 if self.q_norm is None else self.q_norm.eps
+        q, k, v = qkv_norm_rope(qkv, H, G, q_w, k_w, eps, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

@@ -189,3 +189,50 @@ def test_what_the_kernels_do_not_take_runs_the_formula():
         out = qk_norm_rope(*args)
         assert out.grad_fn is None or not out.grad_fn.name().endswith("_QKNormRopeBackward")
         assert torch.equal(out, TORCH_QK_NORM_ROPE_OPS.qk_norm_rope(*args))
+
+
+@pytest.mark.parametrize("xdt, wdt", [(f32, f32), (bf16, bf16), (bf16, None)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_qkv_op_matches_float64_and_writes_the_gradient_whole(xdt, wdt, compiled):
+    """qkv_norm_rope: q and k through the kernels, v copied, and one backward writing the whole
+    projection gradient (compiled: the two custom ops, and no concatenation in the graph)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from anymoe.core.qk_norm_rope import qkv_norm_rope
+
+    g = torch.Generator().manual_seed(7)
+    B, S, Hq, G, D = 2, 64, 16, 4, 64
+    qkv = torch.randn(B, S, Hq + 2 * G, D, generator=g, dtype=torch.float64)
+    ws = [None if wdt is None else 1 + 0.2 * torch.randn(D, generator=g, dtype=torch.float64)
+          for _ in range(2)]
+    ang = torch.rand(1, S, D, generator=g, dtype=torch.float64) * 6.3
+    ydt = xdt if wdt is None else torch.promote_types(xdt, wdt)
+    grads = [torch.randn(B, h, S, D, generator=g, dtype=torch.float64).transpose(1, 2) for h in (Hq, G, G)]
+    qkv_r = qkv.to(DEV, xdt).double().requires_grad_()
+    ws_r = [None if w is None else w.to(DEV, wdt).double().requires_grad_() for w in ws]
+    refs = TORCH_QK_NORM_ROPE_OPS.qkv_norm_rope(qkv_r, Hq, G, *ws_r, EPS, ang.cos().to(DEV, xdt).double(),
+                                                ang.sin().to(DEV, xdt).double())
+    sum((r * gr.to(DEV)).sum() for r, gr in zip(refs, grads)).backward()
+    targets: list[str] = []
+
+    def record(gm, _inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    fn = torch.compile(qkv_norm_rope, backend=aot_autograd(fw_compiler=record, bw_compiler=record),
+                       fullgraph=True) if compiled else qkv_norm_rope
+    qkv_k = qkv.to(DEV, xdt).requires_grad_()
+    ws_k = [None if w is None else w.to(DEV, wdt).requires_grad_() for w in ws]
+    outs = fn(qkv_k, Hq, G, *ws_k, EPS, ang.cos().to(DEV, xdt), ang.sin().to(DEV, xdt))
+    sum((o * gr.to(DEV, o.dtype)).sum() for o, gr in zip(outs, grads)).backward()
+    assert outs[0].dtype == outs[1].dtype == ydt and outs[2].dtype == xdt
+    for a, ref in [(outs[0], refs[0]), (outs[1], refs[1]), (outs[2], refs[2]), (qkv_k.grad, qkv_r.grad)]:
+        _close(a, ref, a.dtype)
+    for wk, wr in zip(ws_k, ws_r):
+        if wk is not None:
+            _close(wk.grad, wr.grad, wdt)
+    if compiled:
+        assert "anymoe.qkv_norm_rope_fwd.default" in targets and "anymoe.qkv_norm_rope_bwd.default" in targets
+        assert "aten.cat.default" not in targets, targets

@@ -35,9 +35,9 @@ class InterpretedOps(qk.TritonQKNormRopeOps):
 OPS = InterpretedOps()
 launched = []
 for fn in ("launch_qk_norm_rope_fwd", "launch_qk_norm_rope_bwd"):
-    def counted(*args, _real=getattr(qk, fn), _fn=fn):
+    def counted(*args, _real=getattr(qk, fn), _fn=fn, **kwargs):
         launched.append(_fn)
-        return _real(*args)
+        return _real(*args, **kwargs)
     setattr(qk, fn, counted)
 
 g = torch.Generator().manual_seed(0)
@@ -120,6 +120,39 @@ for tile, partials in [(qk._TILE, qk._MAX_PARTIALS), (64, 2)]:
     run_case(2, 17, 3, 64, torch.float32, torch.float32, head_major_x=True)
     run_case(1, 1, 4, 16, torch.float32, torch.float32)  # S = 1
     run_case(1, 5, 1, 16, torch.float32, torch.float32)  # H = 1
+
+# The fused q/k/v op: the q and k heads through the kernels, v copied; the backward writes the
+# projection's gradient whole (q and k kernels into their slices, dv copied into the rest).
+for xdt, wdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, None)]:
+    B, S, Hq, G, D = 2, 9, 4, 2, 16
+    what = ("qkv", xdt, wdt)
+    qkv = torch.randn(B, S, Hq + 2 * G, D, generator=g, dtype=torch.float64).to(xdt)
+    ws = [None if wdt is None else (1 + 0.2 * torch.randn(D, generator=g, dtype=torch.float64)).to(wdt)
+          for _ in range(2)]
+    ang = torch.rand(1, S, D, generator=g, dtype=torch.float64) * 6.3
+    cos, sin = ang.cos().to(xdt), ang.sin().to(xdt)
+    ydt = xdt if wdt is None else torch.promote_types(xdt, wdt)
+    grads = [torch.randn(B, h, S, D, generator=g, dtype=torch.float64).to(dt).transpose(1, 2)
+             for h, dt in ((Hq, ydt), (G, ydt), (G, xdt))]  # attention's [B, H, S, D]-strided grads
+    qkv_r = qkv.double().requires_grad_()
+    ws_r = [None if w is None else w.double().requires_grad_() for w in ws]
+    refs = TORCH_QK_NORM_ROPE_OPS.qkv_norm_rope(qkv_r, Hq, G, *ws_r, EPS, cos.double(), sin.double())
+    sum((r * gr.double()).sum() for r, gr in zip(refs, grads)).backward()
+    qkv_k = qkv.detach().requires_grad_()
+    ws_k = [None if w is None else w.detach().requires_grad_() for w in ws]
+    launched.clear()
+    outs = OPS.qkv_norm_rope(qkv_k, Hq, G, *ws_k, EPS, cos, sin)
+    assert launched == ["launch_qk_norm_rope_fwd"] * 2, (what, launched)
+    sum((o * gr).sum() for o, gr in zip(outs, grads)).backward()
+    assert launched == ["launch_qk_norm_rope_fwd"] * 2 + ["launch_qk_norm_rope_bwd"] * 2, (what, launched)
+    assert [o.shape for o in outs] == [(B, S, Hq, D), (B, S, G, D), (B, S, G, D)], what
+    check(outs[0].detach(), refs[0].detach(), ydt, ("q",) + what)
+    check(outs[1].detach(), refs[1].detach(), ydt, ("k",) + what)
+    assert torch.equal(outs[2], qkv[:, :, Hq + G:]) and outs[2].is_contiguous(), what
+    check(qkv_k.grad, qkv_r.grad, xdt, ("dqkv",) + what)
+    for wk, wr in zip(ws_k, ws_r):
+        if wk is not None:
+            check(wk.grad, wr.grad, wdt, ("dw",) + what)
 
 # Empty input: no launch of a grid of zero, zeros for dw
 x = torch.empty(0, 4, 2, 16)
