@@ -90,16 +90,15 @@ if HAVE_TRITON:
         x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, N, S, H,
         sxb, sxs, sxh, scb, scs, scd, ssb, sss, ssd, eps,
         HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_W: tl.constexpr,
-        HEAD_MAJOR: tl.constexpr,
+        HEAD_MAJOR: tl.constexpr, ROTATE: tl.constexpr = True,
     ):
+        # ROTATE False (and no gain): a copy, with the same strided walk (attention's v heads)
         b, s, h, rmask = _row_coords(tl.program_id(0), N, S, H, ROWS, HEAD_MAJOR)
         cols = tl.arange(0, BLOCK)
         mask = rmask[:, None] & (cols < HALF)[None, :]
         x_at = x_ptr + (b * sxb + s * sxs + h * sxh)[:, None] + cols[None, :]
         x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_at + HALF, mask=mask, other=0.0).to(tl.float32)
-        c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss, ssd,
-                                         HALF)
         if HAS_W:
             rstd = _row_rstd(x1, x2, eps, HALF)
             w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
@@ -108,17 +107,20 @@ if HAVE_TRITON:
             n2 = x2 * rstd[:, None] * w2[None, :]
         else:
             n1, n2 = x1, x2
-        # y = n * cos + rotate_half(n) * sin, rotate_half(n) = (-n2, n1)
+        if ROTATE:  # y = n * cos + rotate_half(n) * sin, rotate_half(n) = (-n2, n1)
+            c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss, ssd,
+                                             HALF)
+            n1, n2 = n1 * c1 - n2 * s1, n2 * c2 + n1 * s2
         y_at = y_ptr + (((b * S + s) * H + h) * (2 * HALF))[:, None] + cols[None, :]
-        tl.store(y_at, (n1 * c1 - n2 * s1).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_at + HALF, (n2 * c2 + n1 * s2).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_at, n1.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_at + HALF, n2.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qk_norm_rope_bwd_kernel(
         x_ptr, w_ptr, cos_ptr, sin_ptr, dy_ptr, dx_ptr, dwp_ptr, N, S, H,
         sxb, sxs, sxh, scb, scs, scd, ssb, sss, ssd, sgb, sgs, sgh, sgd, sdb, sds, sdh, eps,
         HALF: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
-        HAS_W: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+        HAS_W: tl.constexpr, HEAD_MAJOR: tl.constexpr, ROTATE: tl.constexpr = True,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -134,11 +136,13 @@ if HAVE_TRITON:
             g_at = dy_ptr + (b * sgb + s * sgs + h * sgh)[:, None] + cols[None, :] * sgd
             g1 = tl.load(g_at, mask=mask, other=0.0).to(tl.float32)
             g2 = tl.load(g_at + HALF * sgd, mask=mask, other=0.0).to(tl.float32)
-            c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb, sss,
-                                             ssd, HALF)
-            # dn = dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = (z2, -z1)
-            dn1 = g1 * c1 + g2 * s2
-            dn2 = g2 * c2 - g1 * s1
+            if ROTATE:  # dn = dy * cos + rotate_half^T(dy * sin), rotate_half^T(z) = (z2, -z1)
+                c1, c2, s1, s2 = _cos_sin_halves(cos_ptr, sin_ptr, b, s, cols, mask, scb, scs, scd, ssb,
+                                                 sss, ssd, HALF)
+                dn1 = g1 * c1 + g2 * s2
+                dn2 = g2 * c2 - g1 * s1
+            else:
+                dn1, dn2 = g1, g2
             if HAS_W:
                 # n = w * xhat, xhat = x * rstd: dxhat = w * dn,
                 # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)), dw = sum over rows of dn * xhat
@@ -183,8 +187,9 @@ def _rope_tables(x_BSHD: Tensor, cos_BSD: Tensor, sin_BSD: Tensor) -> tuple[Tens
 
 
 def launch_qk_norm_rope_fwd(x_BSHD: Tensor, w_D: Tensor | None, cos_BSD: Tensor, sin_BSD: Tensor,
-                            eps: float) -> Tensor:
-    """y [B, S, H, D], contiguous, in promote(x, w, cos, sin); x's last stride 1, D even."""
+                            eps: float, rotate: bool = True) -> Tensor:
+    """y [B, S, H, D], contiguous, in promote(x, w, cos, sin); x's last stride 1, D even.
+    ``rotate=False`` without w: a copy of x (the tables only set the dtype)."""
     B, S, H, D = x_BSHD.shape
     cos_BSD, sin_BSD = _rope_tables(x_BSHD, cos_BSD, sin_BSD)
     dtype = torch.promote_types(x_BSHD.dtype, torch.promote_types(cos_BSD.dtype, sin_BSD.dtype))
@@ -198,16 +203,17 @@ def launch_qk_norm_rope_fwd(x_BSHD: Tensor, w_D: Tensor | None, cos_BSD: Tensor,
             x_BSHD, x_BSHD if w_D is None else w_D, cos_BSD, sin_BSD, y, N, S, H,
             x_BSHD.stride(0), x_BSHD.stride(1), x_BSHD.stride(2), *cos_BSD.stride(), *sin_BSD.stride(),
             eps, HALF=D // 2, BLOCK=block, ROWS=rows, HAS_W=w_D is not None,
-            HEAD_MAJOR=_head_major(x_BSHD), num_warps=4,
+            HEAD_MAJOR=_head_major(x_BSHD), ROTATE=rotate, num_warps=4,
         )
     return y
 
 
 def launch_qk_norm_rope_bwd(dy_BSHD: Tensor, x_BSHD: Tensor, w_D: Tensor | None, cos_BSD: Tensor,
-                            sin_BSD: Tensor, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                            sin_BSD: Tensor, eps: float, out: Tensor | None = None,
+                            rotate: bool = True) -> tuple[Tensor, Tensor]:
     """(dx [B, S, H, D] in x's dtype, dw [D] in w's dtype; an empty dw without w). dx is ``out``
     when given (any strides with a last stride of 1: a slice of a larger gradient), else new
-    and contiguous."""
+    and contiguous. ``rotate=False`` without w: dy copied into dx."""
     B, S, H, D = x_BSHD.shape
     cos_BSD, sin_BSD = _rope_tables(x_BSHD, cos_BSD, sin_BSD)
     dx = torch.empty(B, S, H, D, dtype=x_BSHD.dtype, device=x_BSHD.device) if out is None else out
@@ -222,7 +228,7 @@ def launch_qk_norm_rope_bwd(dy_BSHD: Tensor, x_BSHD: Tensor, w_D: Tensor | None,
             x_BSHD, x_BSHD if w_D is None else w_D, cos_BSD, sin_BSD, dy_BSHD, dx, partial, N, S, H,
             x_BSHD.stride(0), x_BSHD.stride(1), x_BSHD.stride(2), *cos_BSD.stride(), *sin_BSD.stride(),
             *dy_BSHD.stride(), *dx.stride()[:3], eps, HALF=D // 2, BLOCK=block, ROWS=rows, ITERS=iters,
-            HAS_W=w_D is not None, HEAD_MAJOR=_head_major(dy_BSHD), num_warps=4,
+            HAS_W=w_D is not None, HEAD_MAJOR=_head_major(dy_BSHD), ROTATE=rotate, num_warps=4,
         )
     if w_D is None:
         return dx, x_BSHD.new_empty(0)
@@ -241,7 +247,9 @@ def launch_qkv_norm_rope_fwd(qkv_BSHD: Tensor, q_w: Tensor | None, k_w: Tensor |
     x_q, x_k, x_v = _qkv_heads(qkv_BSHD, n_q, n_k)
     q = launch_qk_norm_rope_fwd(x_q, q_w, cos_BSD, sin_BSD, eps)
     k = launch_qk_norm_rope_fwd(x_k, k_w, cos_BSD, sin_BSD, eps)
-    return q, k, x_v.clone(memory_format=torch.contiguous_format)
+    # v: the same kernel as a copy (torch's generic strided copy took ~3x as long on the H100)
+    v = launch_qk_norm_rope_fwd(x_v, None, x_v[:, :, 0], x_v[:, :, 0], eps, rotate=False)
+    return q, k, v
 
 
 def launch_qkv_norm_rope_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv_BSHD: Tensor, q_w: Tensor | None,
@@ -255,7 +263,7 @@ def launch_qkv_norm_rope_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv_BSHD: Tenso
     d_q, d_k, d_v = _qkv_heads(dqkv, n_q, n_k)
     _, dq_w = launch_qk_norm_rope_bwd(dq, x_q, q_w, cos_BSD, sin_BSD, eps, out=d_q)
     _, dk_w = launch_qk_norm_rope_bwd(dk, x_k, k_w, cos_BSD, sin_BSD, eps, out=d_k)
-    d_v.copy_(dv)
+    launch_qk_norm_rope_bwd(dv, d_v, None, cos_BSD, sin_BSD, eps, out=d_v, rotate=False)  # a copy
     return dqkv, dq_w, dk_w
 
 

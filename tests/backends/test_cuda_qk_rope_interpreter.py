@@ -142,9 +142,9 @@ for xdt, wdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16
     ws_k = [None if w is None else w.detach().requires_grad_() for w in ws]
     launched.clear()
     outs = OPS.qkv_norm_rope(qkv_k, Hq, G, *ws_k, EPS, cos, sin)
-    assert launched == ["launch_qk_norm_rope_fwd"] * 2, (what, launched)
+    assert launched == ["launch_qk_norm_rope_fwd"] * 3, (what, launched)  # q, k, and v's copy
     sum((o * gr).sum() for o, gr in zip(outs, grads)).backward()
-    assert launched == ["launch_qk_norm_rope_fwd"] * 2 + ["launch_qk_norm_rope_bwd"] * 2, (what, launched)
+    assert launched == ["launch_qk_norm_rope_fwd"] * 3 + ["launch_qk_norm_rope_bwd"] * 3, (what, launched)
     assert [o.shape for o in outs] == [(B, S, Hq, D), (B, S, G, D), (B, S, G, D)], what
     check(outs[0].detach(), refs[0].detach(), ydt, ("q",) + what)
     check(outs[1].detach(), refs[1].detach(), ydt, ("k",) + what)
