@@ -14,7 +14,7 @@ status=0
 python3 -m pytest -m gpu -q -p no:cacheprovider tests/backends/test_cuda_kernels.py \
   tests/backends/test_cuda_loss_kernels.py tests/backends/test_cuda_optim.py tests/backends/test_cuda_qk_rope.py \
   tests/backends/test_cuda_router.py \
-  tests/trainers/test_compile.py tests/core/test_ep_rows.py 2>&1 \
+  tests/trainers/test_compile.py tests/core/test_ep_rows.py tests/models 2>&1 \
   | tee "$OUT/gpu_tests_$TAG.log" || status=1
 if [[ "${1:-}" == "--quick" ]]; then
   python3 bench/moe_layer.py --configs C --iters 10 --out "$OUT/moe_layer_${TAG}_quick.json" || status=1
