@@ -343,21 +343,14 @@ def test_add_rms_norm_kernels_match_float64(N, D, dt, wdt, compiled):
 
 
 def test_add_rms_norm_is_one_custom_op_per_direction_under_compile():
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    from aot_graph_recorder import recording_backend
 
     from anymoe.core.norm import add_rms_norm
-
-    targets: list[str] = []
-
-    def record(gm, _inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return make_boxed_func(gm.forward)
 
     torch._dynamo.reset()
     x, d = (torch.randn(4, 64, 256, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     w = torch.ones(256, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    recorder = aot_autograd(fw_compiler=record, bw_compiler=record)
+    recorder, targets = recording_backend()
     fn = torch.compile(add_rms_norm, backend=recorder, fullgraph=True)
     s, y = fn(x, d, w, 1e-6)
     (s.float().sum() + y.float().square().sum()).backward()

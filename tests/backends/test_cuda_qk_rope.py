@@ -196,8 +196,7 @@ def test_what_the_kernels_do_not_take_runs_the_formula():
 def test_fused_qkv_op_matches_float64_and_writes_the_gradient_whole(xdt, wdt, compiled):
     """qkv_norm_rope: q and k through the kernels, v copied, and one backward writing the whole
     projection gradient (compiled: the two custom ops, and no concatenation in the graph)."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
+    from aot_graph_recorder import recording_backend
 
     from anymoe.core.qk_norm_rope import qkv_norm_rope
 
@@ -214,15 +213,9 @@ def test_fused_qkv_op_matches_float64_and_writes_the_gradient_whole(xdt, wdt, co
     refs = TORCH_QK_NORM_ROPE_OPS.qkv_norm_rope(qkv_r, Hq, G, *ws_r, EPS, ang.cos().to(DEV, xdt).double(),
                                                 ang.sin().to(DEV, xdt).double())
     sum((r * gr.to(DEV)).sum() for r, gr in zip(refs, grads)).backward()
-    targets: list[str] = []
-
-    def record(gm, _inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return make_boxed_func(gm.forward)
-
+    recorder, targets = recording_backend()
     torch._dynamo.reset()
-    fn = torch.compile(qkv_norm_rope, backend=aot_autograd(fw_compiler=record, bw_compiler=record),
-                       fullgraph=True) if compiled else qkv_norm_rope
+    fn = torch.compile(qkv_norm_rope, backend=recorder, fullgraph=True) if compiled else qkv_norm_rope
     qkv_k = qkv.to(DEV, xdt).requires_grad_()
     ws_k = [None if w is None else w.to(DEV, wdt).requires_grad_() for w in ws]
     outs = fn(qkv_k, Hq, G, *ws_k, EPS, ang.cos().to(DEV, xdt), ang.sin().to(DEV, xdt))
