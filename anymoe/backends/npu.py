@@ -227,3 +227,7 @@ class NPUBackend(Backend):
     def device_count(self) -> int:
         module, _ = load_torch_npu()
         return int(module.npu.device_count()) if module is not None else 0
+
+
+# torch_npu's RmsNorm / RmsNormGrad operators register for "npu" on import (anymoe/backends/npu_norm.py).
+from anymoe.backends import npu_norm  # noqa: E402, F401

@@ -164,3 +164,28 @@ def test_grouped_mm_under_autocast_takes_fp32_weights(backend):
     _close(y, ref, TOL[torch.bfloat16], "output")
     # outside autocast, mixed operands promote (bf16 activations x fp32 weights -> fp32)
     assert backend.grouped_mm(x.detach().to(torch.bfloat16), w.detach(), counts).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(7, 64), (2, 5, 1000)], ids=["N7D64", "B2S5D1000"])
+def test_rms_norm_ops_on_the_device_match_float64(backend, dtype, shape):
+    """The norm ops the backend registers for its device (the torch formula, Triton kernels on
+    CUDA, torch_npu's RmsNorm on Ascend): rms_norm and the residual add fused with it, forward
+    and x / d / weight gradients, against the float64 formula on the CPU."""
+    from anymoe.core.norm import TORCH_NORM_OPS, add_rms_norm, rms_norm
+
+    dev = backend.device()
+    g = torch.Generator().manual_seed(shape[-1])
+    x, d, gy, gs = (torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(4))
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g, dtype=torch.float64)).to(dtype)
+    x64, d64, w64 = (t.double().requires_grad_() for t in (x, d, w))
+    s_ref, y_ref = TORCH_NORM_OPS.add_rms_norm(x64, d64, w64, 1e-6)
+    ((y_ref * gy.double()).sum() + (s_ref * gs.double()).sum()).backward()
+    xd, dd, wd = (t.to(dev).requires_grad_() for t in (x, d, w))
+    s, y = add_rms_norm(xd, dd, wd, 1e-6)
+    ((y * gy.to(dev)).sum() + (s * gs.to(dev)).sum()).backward()
+    for got, ref, what in [(s, s_ref, "sum"), (y, y_ref, "y"), (xd.grad, x64.grad, "grad x"),
+                           (dd.grad, d64.grad, "grad d"), (wd.grad, w64.grad, "grad w")]:
+        _close(got, ref.detach(), TOL[dtype], what)
+    ref = TORCH_NORM_OPS.rms_norm(x.double(), w.double(), 1e-6)
+    _close(rms_norm(x.to(dev).requires_grad_(), w.to(dev), 1e-6), ref, TOL[dtype], "rms_norm")
