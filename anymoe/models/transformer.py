@@ -85,6 +85,10 @@ class Block(nn.Module):
         a = self.attn(y, (cos, sin), mask, cache)
         return a if self.post_attn_norm is None else self.post_attn_norm(a)
 
+    def _norm_attn(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """attn_norm and attention: what selective checkpointing recomputes from x alone."""
+        return self._attn(self.attn_norm(x), cos, sin, mask, None)
+
     def _dense(self, y: Tensor) -> Tensor:
         f = self.ffn(y)
         return f if self.post_ffn_norm is None else self.post_ffn_norm(f)
@@ -101,10 +105,11 @@ class Block(nn.Module):
                  cache: KVCache | None, token_ids: Tensor | None,
                  replay: Tensor | None) -> tuple[Tensor, Tensor, MoEAux | None]:
         selective = self.checkpointing == "selective" and self.training and cache is None
-        x, y = add_rms_norm(x, delta, self.attn_norm.weight, self.attn_norm.eps)  # x += the last update
-        if selective:  # recompute attention in backward; keep the MoE (its dispatch may communicate)
-            a = checkpoint(self._attn, y, cos, sin, mask, None, use_reentrant=False)
+        if selective:  # recompute norm + attention in backward; keep the MoE (its dispatch may communicate)
+            x = x if delta is None else x + delta  # the checkpoint then keeps one tensor, x
+            a = checkpoint(self._norm_attn, x, cos, sin, mask, use_reentrant=False)
         else:
+            x, y = add_rms_norm(x, delta, self.attn_norm.weight, self.attn_norm.eps)  # x += the last update
             a = self._attn(y, cos, sin, mask, cache)
         h, y = add_rms_norm(x, self.drop(a), self.ffn_norm.weight, self.ffn_norm.eps)
         if self.is_moe:
@@ -118,14 +123,17 @@ class Block(nn.Module):
                 cache: KVCache | None = None, token_ids: Tensor | None = None,
                 replay: Tensor | None = None,
                 delta: Tensor | None = None) -> tuple[Tensor, Tensor, MoEAux | None]:
-        """The residual stream arrives as ``x + delta`` (delta: the previous block's FFN output,
-        None for the first block) and leaves as ``h + f``: each residual add is done by the
-        norm that follows it (``add_rms_norm``, one kernel per direction where the backend
-        fuses them) instead of by a separate add. Returns (h, f, aux)."""
+        """The residual stream arrives as ``x + delta`` (delta: the previous block's FFN output;
+        zeros or None before the first block) and leaves as ``h + f``: each residual add is done
+        by the norm that follows it (``add_rms_norm``, one kernel per direction where the
+        backend fuses them) instead of by a separate add. With activation checkpointing the
+        incoming add is done first, so a checkpoint keeps one tensor per block, as before the
+        pair. Returns (h, f, aux)."""
         if self.checkpointing == "full" and self.training and cache is None:
             # Whole-block recompute. The recompute routes the same tokens again, so the aux-free load
             # counters see every token twice: a uniform factor that sign(mean - load) ignores.
-            return checkpoint(self._forward, x, delta, cos, sin, mask, None, token_ids, replay,
+            x = x if delta is None else x + delta
+            return checkpoint(self._forward, x, None, cos, sin, mask, None, token_ids, replay,
                               use_reentrant=False)
         return self._forward(x, delta, cos, sin, mask, cache, token_ids, replay)
 

@@ -149,7 +149,7 @@ def compile_blocks(model: nn.Module, backend: Any, mode: str, compiler: str = "i
 
 # What activation checkpointing recomputes, per model.checkpointing mode: these methods are
 # compiled instead of the whole block, so the checkpoint call stays eager, outside any graph.
-_RECOMPUTED = {"full": ("_forward",), "selective": ("_attn", "_dense", "_moe")}
+_RECOMPUTED = {"full": ("_forward",), "selective": ("_norm_attn", "_dense", "_moe")}
 
 
 def _compile_block(block: nn.Module, compiler: str, inductor_mode: str | None) -> None:

@@ -150,6 +150,29 @@ def test_checkpointing_same_loss_and_grads(mode):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("mode, calls_per_block", [("selective", 2), ("full", 1)])
+def test_checkpoints_keep_one_residual_tensor_per_call(mode, calls_per_block, monkeypatch):
+    """The residual stream travels as a pair (h, f); a checkpoint is handed their sum, so it keeps
+    one [B, S, D] tensor as it did before the pair (not two)."""
+    from anymoe.models import transformer
+
+    cfg = tiny(first_dense_layers=1, dense_hidden=32)
+    model = MoETransformer(cfg)
+    model.set_checkpointing(mode)
+    kept: list[int] = []
+    real = transformer.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        kept.append(sum(isinstance(a, torch.Tensor) and a.shape == (2, 6, cfg.d_model) for a in args))
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(transformer, "checkpoint", counting)
+    model(torch.randint(0, cfg.vocab_size, (2, 6))).sum().backward()
+    # selective: attention in every block, the dense FFN of the first; full: each block once
+    expected = cfg.n_layers * calls_per_block - (cfg.n_layers - 1 if mode == "selective" else 0)
+    assert kept == [1] * expected, kept
+
+
 def test_return_aux_and_replay():
     cfg = tiny()
     model = MoETransformer(cfg).double()

@@ -153,7 +153,8 @@ def test_compile_blocks_in_place_keeps_keys_and_swaps_the_grouped_mm():
         compile_blocks(model, backend, "blocks_cudagraphs", compiler="aot_eager")
 
 
-@pytest.mark.parametrize("mode, parts", [("full", ["_forward"]), ("selective", ["_attn", "_dense", "_moe"])])
+@pytest.mark.parametrize("mode, parts", [("full", ["_forward"]),
+                                         ("selective", ["_norm_attn", "_dense", "_moe"])])
 def test_checkpointed_blocks_compile_what_the_checkpoint_recomputes(mode, parts):
     """With activation checkpointing the checkpoint call stays eager (Inductor on torch 2.11
     failed on a checkpoint traced into the block's graph); the recomputed parts are compiled,
