@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from anymoe.backends.triton_launch import eager
 from anymoe.core.dispatch_fast import TORCH_OPS, DispatchOps, register_dispatch_ops
 
 try:  # Triton ships with CUDA builds of torch; CPU builds and other devices lack it.
@@ -354,11 +355,6 @@ if HAVE_TRITON:
         return torch.empty_like(y), y.new_empty(idx.shape, dtype=torch.float32)
 
 
-def _eager() -> bool:
-    """Outside torch.compile the launchers run directly: the custom-op layer only adds host time."""
-    return not torch.compiler.is_compiling()
-
-
 class TritonDispatchOps(DispatchOps):
     """The fast path's kernels in Triton; the pure-torch ops for what they do not cover."""
 
@@ -372,54 +368,54 @@ class TritonDispatchOps(DispatchOps):
         E = scores_TE.shape[-1]
         if scores_TE.dim() != 2 or not self._ok(scores_TE) or E > TOPK_MAX_EXPERTS or not 0 <= k <= E:
             return TORCH_OPS.topk_ids(scores_TE, k)  # k > E: torch.topk raises the error
-        if _eager():
+        if eager():
             return launch_topk_ids(scores_TE, k)
         return torch.ops.anymoe.topk_ids(scores_TE, k)
 
     def expert_counts(self, ids_N: Tensor, num_experts: int) -> Tensor:
         ids_N = ids_N.reshape(-1).contiguous()
-        if _eager():
+        if eager():
             return launch_expert_counts(ids_N, num_experts)
         return torch.ops.anymoe.expert_counts(ids_N, num_experts)
 
     def gather_rows(self, x_ND: Tensor, idx_R: Tensor) -> Tensor:
         if not self._ok(x_ND):
             return TORCH_OPS.gather_rows(x_ND, idx_R)
-        if _eager():
+        if eager():
             return launch_gather_rows(x_ND, idx_R.contiguous())
         return torch.ops.anymoe.gather_rows(x_ND, idx_R.contiguous())
 
     def gather_sum(self, y_RD: Tensor, idx_TK: Tensor) -> Tensor:
         if not self._ok(y_RD):
             return TORCH_OPS.gather_sum(y_RD, idx_TK)
-        if _eager():
+        if eager():
             return launch_gather_sum(y_RD, idx_TK.contiguous())
         return torch.ops.anymoe.gather_sum(y_RD, idx_TK.contiguous())
 
     def swiglu_fwd(self, h_R2F: Tensor, w_R: Tensor | None) -> Tensor:
         if not self._ok(h_R2F, *([] if w_R is None else [w_R])):
             return TORCH_OPS.swiglu_fwd(h_R2F, w_R)
-        if _eager():
+        if eager():
             return launch_swiglu_fwd(h_R2F, w_R)
         return torch.ops.anymoe.swiglu_fwd(h_R2F, w_R)
 
     def swiglu_bwd(self, h_R2F: Tensor, w_R: Tensor | None, g_RF: Tensor) -> tuple[Tensor, Tensor | None]:
         if not self._ok(h_R2F, g_RF, *([] if w_R is None else [w_R])):
             return TORCH_OPS.swiglu_bwd(h_R2F, w_R, g_RF)
-        op = launch_swiglu_bwd if _eager() else torch.ops.anymoe.swiglu_bwd
+        op = launch_swiglu_bwd if eager() else torch.ops.anymoe.swiglu_bwd
         dh, dw = op(h_R2F, w_R, g_RF)
         return dh, None if w_R is None else dw
 
     def combine_fwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor) -> Tensor:
         if not self._ok(y_RD, w_TK):
             return TORCH_OPS.combine_fwd(y_RD, idx_TK, w_TK)
-        op = launch_combine_fwd if _eager() else torch.ops.anymoe.combine_fwd
+        op = launch_combine_fwd if eager() else torch.ops.anymoe.combine_fwd
         return op(y_RD, idx_TK.contiguous(), w_TK)
 
     def combine_bwd(self, y_RD: Tensor, idx_TK: Tensor, w_TK: Tensor, g_TD: Tensor) -> tuple[Tensor, Tensor]:
         if not self._ok(y_RD, w_TK, g_TD):
             return TORCH_OPS.combine_bwd(y_RD, idx_TK, w_TK, g_TD)
-        op = launch_combine_bwd if _eager() else torch.ops.anymoe.combine_bwd
+        op = launch_combine_bwd if eager() else torch.ops.anymoe.combine_bwd
         return op(y_RD, idx_TK.contiguous(), w_TK, g_TD)
 
 

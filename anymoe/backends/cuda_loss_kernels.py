@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from anymoe.backends.triton_launch import eager
 from anymoe.core.losses import TORCH_OPS, LossOps, register_loss_ops
 
 try:  # Triton ships with CUDA builds of torch; CPU builds and other devices lack it.
@@ -141,11 +142,6 @@ if HAVE_TRITON:
         return logits.new_empty(logits.shape)
 
 
-def _eager() -> bool:
-    """Outside torch.compile the launchers run directly: the custom-op layer only adds host time."""
-    return not torch.compiler.is_compiling()
-
-
 def _rows_unit_stride(logits_NV: Tensor) -> Tensor:
     """The kernels step rows by stride(0) and columns by 1: copy only a column-strided view."""
     return logits_NV if logits_NV.stride(1) == 1 else logits_NV.contiguous()
@@ -159,14 +155,14 @@ class TritonLossOps(LossOps):
     def ce_fwd(self, logits_NV: Tensor, labels_N: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
         if logits_NV.dtype not in _KERNEL_DTYPES:
             return TORCH_OPS.ce_fwd(logits_NV, labels_N, ignore_index)
-        op = launch_ce_fwd if _eager() else torch.ops.anymoe.cross_entropy_fwd
+        op = launch_ce_fwd if eager() else torch.ops.anymoe.cross_entropy_fwd
         return op(_rows_unit_stride(logits_NV), labels_N.contiguous(), ignore_index)
 
     def ce_bwd(self, logits_NV: Tensor, labels_N: Tensor, lse_N: Tensor, g_N: Tensor,
                ignore_index: int) -> Tensor:
         if logits_NV.dtype not in _KERNEL_DTYPES:
             return TORCH_OPS.ce_bwd(logits_NV, labels_N, lse_N, g_N, ignore_index)
-        op = launch_ce_bwd if _eager() else torch.ops.anymoe.cross_entropy_bwd
+        op = launch_ce_bwd if eager() else torch.ops.anymoe.cross_entropy_bwd
         return op(_rows_unit_stride(logits_NV), labels_N.contiguous(), lse_N, g_N.float(), ignore_index)
 
 

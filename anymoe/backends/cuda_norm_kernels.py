@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from anymoe.backends.triton_launch import eager
 from anymoe.core.norm import TORCH_NORM_OPS, NormOps, register_norm_ops
 
 try:  # Triton ships with CUDA builds of torch; CPU builds and other devices lack it.
@@ -165,11 +166,6 @@ if HAVE_TRITON:
         return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-def _eager() -> bool:
-    """Outside torch.compile the launchers run directly: the custom-op layer only adds host time."""
-    return not torch.compiler.is_compiling()
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -194,7 +190,7 @@ class _AddRMSNorm(torch.autograd.Function):
     def forward(ctx, x, d, weight, eps):
         ctx.set_materialize_grads(False)  # s unused (the last norm): no zero gradient to add
         D = x.shape[-1]
-        fwd = launch_add_rms_fwd if _eager() else torch.ops.anymoe.add_rms_norm_fwd
+        fwd = launch_add_rms_fwd if eager() else torch.ops.anymoe.add_rms_norm_fwd
         s, y, rstd = fwd(x.reshape(-1, D).contiguous(), d.reshape(-1, D).contiguous(), weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         return s.view(x.shape), y.view(x.shape)
@@ -206,7 +202,7 @@ class _AddRMSNorm(torch.autograd.Function):
             return gs, gs, None, None
         D = s.shape[-1]
         gx = None if gs is None else gs.reshape(-1, D).contiguous()
-        bwd = launch_rms_bwd if _eager() else torch.ops.anymoe.rms_norm_bwd
+        bwd = launch_rms_bwd if eager() else torch.ops.anymoe.rms_norm_bwd
         dx, dw = bwd(s, weight, rstd, gy.reshape(-1, D).contiguous(), gx)
         dx = dx.view(gy.shape)
         return dx, dx, dw, None
@@ -219,13 +215,13 @@ class TritonNormOps(NormOps):
 
     kernel_device_type = "cuda"  # the Triton-interpreter tests set "cpu"
 
-    def _kernel_takes(self, x: Tensor, weight: Tensor) -> bool:
+    def kernel_takes(self, x: Tensor, weight: Tensor) -> bool:
         return (x.device.type == self.kernel_device_type and x.dtype in _KERNEL_DTYPES
                 and weight.dtype in _KERNEL_DTYPES and weight.dim() == 1 and weight.is_contiguous()
                 and x.shape[-1] == weight.shape[0] and x.shape[-1] <= _MAX_D)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        if torch.compiler.is_compiling() or not self._kernel_takes(x, weight):
+        if torch.compiler.is_compiling() or not self.kernel_takes(x, weight):
             return TORCH_NORM_OPS.rms_norm(x, weight, eps)
         return _RMSNorm.apply(x, weight, float(eps))
 
@@ -233,7 +229,7 @@ class TritonNormOps(NormOps):
         """One kernel per direction, eagerly and under torch.compile (custom ops): Inductor's
         fused add + norm backward took 69-87 us per call on the H100 step of moe-1b where
         reading and writing each tensor once takes ~45 (see the module docstring)."""
-        if d is None or d.shape != x.shape or d.dtype != x.dtype or not self._kernel_takes(x, weight):
+        if d is None or d.shape != x.shape or d.dtype != x.dtype or not self.kernel_takes(x, weight):
             return super().add_rms_norm(x, d, weight, eps)
         return _AddRMSNorm.apply(x, d, weight, float(eps))
 

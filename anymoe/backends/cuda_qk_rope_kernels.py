@@ -35,7 +35,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from anymoe.core.qk_norm_rope import TORCH_QK_NORM_ROPE_OPS, QKNormRopeOps, register_qk_norm_rope_ops
+from anymoe.backends.triton_launch import eager
+from anymoe.core.qk_norm_rope import (
+    TORCH_QK_NORM_ROPE_OPS,
+    QKNormRopeOps,
+    qkv_heads,
+    register_qk_norm_rope_ops,
+)
 
 try:  # Triton ships with CUDA builds of torch; CPU builds and other devices lack it.
     import triton
@@ -235,16 +241,12 @@ def launch_qk_norm_rope_bwd(dy_BSHD: Tensor, x_BSHD: Tensor, w_D: Tensor | None,
     return dx, partial.sum(0).to(w_D.dtype)  # no rows: zeros
 
 
-def _qkv_heads(qkv_BSHD: Tensor, n_q: int, n_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    return qkv_BSHD.split([n_q, n_k, qkv_BSHD.shape[2] - n_q - n_k], dim=2)
-
-
 def launch_qkv_norm_rope_fwd(qkv_BSHD: Tensor, q_w: Tensor | None, k_w: Tensor | None, cos_BSD: Tensor,
                              sin_BSD: Tensor, eps: float, n_q: int,
                              n_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """(q, k, v), each new and contiguous: q and k through the forward kernel, v copied (so
     that the backward writes the projection's whole gradient itself, see the bwd)."""
-    x_q, x_k, x_v = _qkv_heads(qkv_BSHD, n_q, n_k)
+    x_q, x_k, x_v = qkv_heads(qkv_BSHD, n_q, n_k)
     q = launch_qk_norm_rope_fwd(x_q, q_w, cos_BSD, sin_BSD, eps)
     k = launch_qk_norm_rope_fwd(x_k, k_w, cos_BSD, sin_BSD, eps)
     # v: the same kernel as a copy (torch's generic strided copy took ~3x as long on the H100)
@@ -259,8 +261,8 @@ def launch_qkv_norm_rope_bwd(dq: Tensor, dk: Tensor, dv: Tensor, qkv_BSHD: Tenso
     their heads' slices of the projection's gradient and dv is copied into the rest, so no
     concatenation (with attention's [B, H, S, D]-strided dv transposed on the way) follows."""
     dqkv = torch.empty(qkv_BSHD.shape, dtype=qkv_BSHD.dtype, device=qkv_BSHD.device)
-    x_q, x_k, _ = _qkv_heads(qkv_BSHD, n_q, n_k)
-    d_q, d_k, d_v = _qkv_heads(dqkv, n_q, n_k)
+    x_q, x_k, _ = qkv_heads(qkv_BSHD, n_q, n_k)
+    d_q, d_k, d_v = qkv_heads(dqkv, n_q, n_k)
     _, dq_w = launch_qk_norm_rope_bwd(dq, x_q, q_w, cos_BSD, sin_BSD, eps, out=d_q)
     _, dk_w = launch_qk_norm_rope_bwd(dk, x_k, k_w, cos_BSD, sin_BSD, eps, out=d_k)
     launch_qk_norm_rope_bwd(dv, d_v, None, cos_BSD, sin_BSD, eps, out=d_v, rotate=False)  # a copy
@@ -293,7 +295,6 @@ if HAVE_TRITON:
         dw = x.new_empty(0) if weight is None else weight.new_empty(weight.shape)
         return x.new_empty(x.shape), dw
 
-
     @torch.library.custom_op("anymoe::qkv_norm_rope_fwd", mutates_args=(), device_types="cuda")
     def _qkv_norm_rope_fwd_op(qkv: Tensor, q_w: Tensor | None, k_w: Tensor | None, cos: Tensor, sin: Tensor,
                               eps: float, n_q: int, n_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -301,7 +302,7 @@ if HAVE_TRITON:
 
     @_qkv_norm_rope_fwd_op.register_fake
     def _(qkv, q_w, k_w, cos, sin, eps, n_q, n_k):
-        x_q, x_k, x_v = _qkv_heads(qkv, n_q, n_k)
+        x_q, x_k, x_v = qkv_heads(qkv, n_q, n_k)
         return (_qk_norm_rope_fwd_op(x_q, q_w, cos, sin, eps), _qk_norm_rope_fwd_op(x_k, k_w, cos, sin, eps),
                 x_v.new_empty(x_v.shape))
 
@@ -317,18 +318,13 @@ if HAVE_TRITON:
         return qkv.new_empty(qkv.shape), dw[0], dw[1]
 
 
-def _eager() -> bool:
-    """Outside torch.compile the launchers run directly: the custom-op layer only adds host time."""
-    return not torch.compiler.is_compiling()
-
-
 class _QKNormRope(torch.autograd.Function):
     """Saves x as given (a view of the qkv projection: no copy) and the gain; the backward
     recomputes each row's 1/rms."""
 
     @staticmethod
     def forward(ctx, x_BSHD, weight_D, cos_BSD, sin_BSD, eps):
-        fwd = launch_qk_norm_rope_fwd if _eager() else torch.ops.anymoe.qk_norm_rope_fwd
+        fwd = launch_qk_norm_rope_fwd if eager() else torch.ops.anymoe.qk_norm_rope_fwd
         ctx.save_for_backward(x_BSHD, weight_D, cos_BSD, sin_BSD)
         ctx.eps = eps
         return fwd(x_BSHD, weight_D, cos_BSD, sin_BSD, eps)
@@ -336,7 +332,7 @@ class _QKNormRope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_BSHD):
         x_BSHD, weight_D, cos_BSD, sin_BSD = ctx.saved_tensors
-        bwd = launch_qk_norm_rope_bwd if _eager() else torch.ops.anymoe.qk_norm_rope_bwd
+        bwd = launch_qk_norm_rope_bwd if eager() else torch.ops.anymoe.qk_norm_rope_bwd
         dx, dw = bwd(dy_BSHD, x_BSHD, weight_D, cos_BSD, sin_BSD, ctx.eps)
         return dx, None if weight_D is None else dw, None, None, None
 
@@ -347,7 +343,7 @@ class _QKVNormRope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD, eps, n_q, n_k):
-        fwd = launch_qkv_norm_rope_fwd if _eager() else torch.ops.anymoe.qkv_norm_rope_fwd
+        fwd = launch_qkv_norm_rope_fwd if eager() else torch.ops.anymoe.qkv_norm_rope_fwd
         ctx.save_for_backward(qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD)
         ctx.args = (eps, n_q, n_k)
         return fwd(qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD, eps, n_q, n_k)
@@ -355,7 +351,7 @@ class _QKVNormRope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD = ctx.saved_tensors
-        bwd = launch_qkv_norm_rope_bwd if _eager() else torch.ops.anymoe.qkv_norm_rope_bwd
+        bwd = launch_qkv_norm_rope_bwd if eager() else torch.ops.anymoe.qkv_norm_rope_bwd
         dqkv, dq_w, dk_w = bwd(dq, dk, dv, qkv_BSHD, q_w, k_w, cos_BSD, sin_BSD, *ctx.args)
         dq_w, dk_w = (None if w is None else dw for w, dw in ((q_w, dq_w), (k_w, dk_w)))
         return dqkv, dq_w, dk_w, None, None, None, None, None
@@ -385,11 +381,10 @@ class TritonQKNormRopeOps(QKNormRopeOps):
             return TORCH_QK_NORM_ROPE_OPS.qk_norm_rope(x_BSHD, weight_D, eps, cos_BSD, sin_BSD)
         return _QKNormRope.apply(x_BSHD, weight_D, cos_BSD, sin_BSD, float(eps))
 
-
     def qkv_norm_rope(self, qkv_BSHD: Tensor, n_q: int, n_k: int, q_weight: Tensor | None,
                       k_weight: Tensor | None, eps: float, cos_BSD: Tensor,
                       sin_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x_q, x_k, _ = _qkv_heads(qkv_BSHD, n_q, n_k)
+        x_q, x_k, _ = qkv_heads(qkv_BSHD, n_q, n_k)
         if not (self.kernel_takes(x_q, q_weight, cos_BSD, sin_BSD)
                 and self.kernel_takes(x_k, k_weight, cos_BSD, sin_BSD)):
             return super().qkv_norm_rope(qkv_BSHD, n_q, n_k, q_weight, k_weight, eps, cos_BSD, sin_BSD)

@@ -36,6 +36,12 @@ def rope_rotate_half(x: Tensor, cos: Tensor, sin: Tensor, head_axis: int) -> Ten
     return x * cos + _rotate_half(x) * sin
 
 
+def qkv_heads(qkv_BSHD: Tensor, n_q: int, n_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Views of a fused projection's query, key and value heads (the first n_q, the next n_k,
+    the rest)."""
+    return qkv_BSHD.split([n_q, n_k, qkv_BSHD.shape[2] - n_q - n_k], dim=2)
+
+
 class QKNormRopeOps:
     """Per-head RMSNorm then RoPE in plain torch (runs everywhere, differentiable by autograd)."""
 
@@ -46,13 +52,12 @@ class QKNormRopeOps:
         n_BSHD = x_BSHD if weight_D is None else rms_norm(x_BSHD, weight_D, eps)
         return rope_rotate_half(n_BSHD, cos_BSD, sin_BSD, head_axis=2)
 
-
     def qkv_norm_rope(self, qkv_BSHD: Tensor, n_q: int, n_k: int, q_weight: Tensor | None,
                       k_weight: Tensor | None, eps: float, cos_BSD: Tensor,
                       sin_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(q, k, v) from the heads of one fused projection: the first n_q heads through
         ``qk_norm_rope`` with q_weight, the next n_k with k_weight, the rest (v) as they are."""
-        q, k, v = qkv_BSHD.split([n_q, n_k, qkv_BSHD.shape[2] - n_q - n_k], dim=2)
+        q, k, v = qkv_heads(qkv_BSHD, n_q, n_k)
         return (self.qk_norm_rope(q, q_weight, eps, cos_BSD, sin_BSD),
                 self.qk_norm_rope(k, k_weight, eps, cos_BSD, sin_BSD), v)
 
@@ -89,4 +94,4 @@ def qkv_norm_rope(qkv_BSHD: Tensor, n_q: int, n_k: int, q_weight: Tensor | None,
 
 
 __all__ = ["TORCH_QK_NORM_ROPE_OPS", "QKNormRopeOps", "qk_norm_rope", "qk_norm_rope_ops_for",
-           "qkv_norm_rope", "register_qk_norm_rope_ops", "rope_rotate_half"]
+           "qkv_heads", "qkv_norm_rope", "register_qk_norm_rope_ops", "rope_rotate_half"]
