@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from anymoe.backends import cuda_optim_kernels
-from anymoe.core.backend import Availability, Backend, register_backend
+from anymoe.core.backend import Availability, Backend, register_backend, use_deterministic_algorithms
 from anymoe.core.grouped_mm import (
     GroupedMM,
     grouped_mm_loop,
@@ -124,7 +124,7 @@ class CUDABackend(Backend):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels per run
         torch.backends.cudnn.deterministic = on
-        torch.use_deterministic_algorithms(on, warn_only=True)
+        use_deterministic_algorithms(on)
 
     def autocast_dtype(self) -> torch.dtype | None:
         # fp16 would need loss scaling, which the trainers do not do: pre-Ampere GPUs run fp32.

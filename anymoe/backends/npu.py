@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 
 from anymoe.backends.versions import installed_version, major_minor
-from anymoe.core.backend import Availability, Backend, BackendUnavailable, register_backend
+from anymoe.core.backend import (
+    Availability,
+    Backend,
+    BackendUnavailable,
+    register_backend,
+    use_deterministic_algorithms,
+)
 from anymoe.core.grouped_mm import check_grouped_mm_args, grouped_mm_loop, match_operand_dtypes
 from anymoe.core.sizing import POW2, ExpertSizingPolicy
 
@@ -202,7 +208,7 @@ class NPUBackend(Backend):
     def set_deterministic(self, on: bool) -> None:
         # HCCL reduces in a fixed order only when asked; read when the communicator is built.
         os.environ["HCCL_DETERMINISTIC"] = "true" if on else "false"
-        torch.use_deterministic_algorithms(on, warn_only=True)
+        use_deterministic_algorithms(on)
 
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils.deterministic
 from torch import Tensor
 
 from anymoe.core.grouped_mm import GroupedMM
@@ -26,6 +27,20 @@ class Availability:
     ok: bool
     reason: str = ""
 
+
+
+def use_deterministic_algorithms(on: bool) -> None:
+    """torch's deterministic algorithms, without its fill of every new tensor.
+
+    ``torch.use_deterministic_algorithms(True)`` also turns on
+    ``torch.utils.deterministic.fill_uninitialized_memory``: every ``torch.empty`` is written
+    with NaN first, a debugging aid that changes no result of code that writes before it reads.
+    On the H100 those fills were 10.7 ms of a 1.3B MoE's 127 ms training step
+    (bench/results/gpu_h100/session6/). Reproducibility comes from the deterministic kernels,
+    which stay on.
+    """
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 class BackendUnavailable(RuntimeError):
     """A named backend cannot run here; the message is the whole story in one line."""
@@ -82,7 +97,7 @@ class Backend(ABC):
         return 0.0
 
     def set_deterministic(self, on: bool) -> None:
-        torch.use_deterministic_algorithms(on, warn_only=True)
+        use_deterministic_algorithms(on)
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The dtype mixed precision computes in, or None for plain fp32."""

@@ -93,6 +93,14 @@ def test_seeding_makes_device_randomness_repeat(backend):
     assert torch.equal(a, torch.randn(64, device=dev))
 
 
+def test_deterministic_mode_leaves_new_tensors_unfilled(backend):
+    """Deterministic algorithms on, torch's NaN fill of every torch.empty off (a debugging aid that
+    cost 10.7 ms of a 127 ms step on the H100; bench/results/gpu_h100/session6/)."""
+    backend.set_deterministic(True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory
+
+
 def test_deterministic_grouped_mm_is_bitwise_repeatable(backend):
     backend.set_deterministic(True)
     dev = backend.device()
