@@ -309,6 +309,38 @@ def test_bf16_input_router_in_fp32():
     assert y.dtype == torch.bfloat16 and aux.router_probs.dtype == torch.float32
 
 
+@pytest.mark.parametrize("case", [{}, {"fused_w13": True}, {"router": {"kind": "expert_choice"}}])
+def test_autocast_dispatches_rows_in_the_autocast_dtype(case):
+    """Under autocast the dispatch moves bf16 rows (cast before the gather, not after), and the
+    layer's output and gradients still match the float64 layer to bf16 precision."""
+    from anymoe.core.dispatch import LocalDispatcher
+
+    seen = []
+
+    class Spy(LocalDispatcher):
+        def dispatch(self, x, ids, w):
+            seen.append(x.dtype)
+            return super().dispatch(x, ids, w)
+
+    torch.manual_seed(3)
+    cfg = make_cfg(**case)
+    layer = MoELayer(cfg, 16, dispatcher=Spy(cfg.num_experts))
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, g = grads_of(layer, x, lambda: layer(x)[0])
+    assert seen == [torch.bfloat16] and g["x"].dtype == torch.float32
+    ref_layer = MoELayer(cfg, 16).double()
+    ref_layer.load_state_dict(layer.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    ref, g_ref = grads_of(ref_layer, x64, lambda: ref_layer(x64)[0])
+    torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.02)
+    for key in g_ref:
+        torch.testing.assert_close(g[key].double(), g_ref[key], rtol=0.05, atol=0.02, msg=key)
+    seen.clear()
+    layer(x)  # no autocast: float32 rows as before
+    assert seen == [torch.float32]
+
+
 def test_config_is_frozen_and_replace_merges_sub_configs():
     cfg = make_cfg(balance={"aux_loss": 0.01})
     with pytest.raises(dataclasses.FrozenInstanceError):
