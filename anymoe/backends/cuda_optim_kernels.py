@@ -59,9 +59,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, mask, decay, step_size, one_minus_b1, beta2,
-                      one_minus_b2, eps, bc2_sqrt):
+                      one_minus_b2, eps, bc2_sqrt, grad_coef):
         p = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + idx, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + idx, mask=mask).to(tl.float32) * grad_coef  # clipping, in this pass
         m = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
         v = tl.load(v_ptr + idx, mask=mask).to(tl.float32)
         p = p * decay  # decoupled weight decay, before the Adam step (torch AdamW's order)
@@ -77,7 +77,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _adamw_kernel(P, G, M, V, TENSOR, START, NUMEL, decay, step_size, one_minus_b1, beta2, one_minus_b2,
-                      eps, bc2_sqrt,
+                      eps, bc2_sqrt, grad_coef,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                       BLOCK: tl.constexpr):
         c = tl.program_id(0)
@@ -92,10 +92,10 @@ if HAVE_TRITON:
         idx = start + tl.arange(0, BLOCK)
         if start + BLOCK <= n:  # a full chunk: no mask, so the loads vectorise
             _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, None,
-                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt)
+                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt, grad_coef)
         else:  # the tensor's tail
             _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, idx < n,
-                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt)
+                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt, grad_coef)
 
 
 def chunk_table(numels: tuple[int, ...], block: int) -> tuple[Tensor, Tensor]:
@@ -122,9 +122,10 @@ def _device_tables(numels: tuple[int, ...], block: int, device: torch.device) ->
 
 def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float,
-                 block: int = BLOCK) -> None:
+                 grad_coef: float = 1.0, block: int = BLOCK) -> None:
     """One AdamW step (``step`` counted from 1, already incremented) over contiguous, 16-byte-aligned
-    tensors of one device and one (param, grad, state) dtype triple, in one launch."""
+    tensors of one device and one (param, grad, state) dtype triple, in one launch; each gradient
+    is read as ``grad * grad_coef`` (in fp32: gradient clipping without a pass of its own)."""
     device = params[0].device
     tensor_C, start_C, numel_T = _device_tables(tuple(p.numel() for p in params), block, device)
     if tensor_C.numel() == 0:
@@ -141,7 +142,7 @@ def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     with torch.cuda.device(device) if other_gpu else contextlib.nullcontext():
         _adamw_kernel[(tensor_C.numel(),)](
             ptr_4T[0], ptr_4T[1], ptr_4T[2], ptr_4T[3], tensor_C, start_C, numel_T,
-            1.0 - lr * weight_decay, lr / bc1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bc2_sqrt,
+            1.0 - lr * weight_decay, lr / bc1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bc2_sqrt, grad_coef,
             P_DTYPE=_TL_DTYPE[params[0].dtype], G_DTYPE=_TL_DTYPE[grads[0].dtype],
             S_DTYPE=_TL_DTYPE[exp_avgs[0].dtype], BLOCK=block, num_warps=4)
 
@@ -190,10 +191,16 @@ class TritonAdamW(torch.optim.AdamW):
 
     kernel_device_type = "cuda"  # the Triton-interpreter tests set "cpu"
     block = BLOCK
+    takes_grad_coef = True  # step(grad_coef=c): the update reads grad * c (anymoe.trainers.optim)
 
     @_use_grad_for_differentiable
-    def step(self, closure=None):
-        """One AdamW step; ``closure`` re-evaluates the model and returns the loss (as torch)."""
+    def step(self, closure=None, *, grad_coef: float = 1.0):
+        """One AdamW step; ``closure`` re-evaluates the model and returns the loss (as torch).
+
+        ``grad_coef``: every gradient is used as ``grad * grad_coef`` (gradient clipping). The
+        kernel multiplies as it reads; tensors it does not take are scaled in place first, so
+        their ``.grad`` holds the scaled gradient afterwards, as after torch's clipping.
+        """
         _capture_health_check(self)  # torch's refusal of a CUDA-graph capture without capturable=True
         loss = None
         if closure is not None:
@@ -205,17 +212,19 @@ class TritonAdamW(torch.optim.AdamW):
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                            steps)
             if group_uses_kernel(group) and not torch.compiler.is_compiling():
-                self._kernel_step(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+                self._kernel_step(group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef)
             else:  # exactly what torch.optim.AdamW.step does for this group
+                _scale(grads, grad_coef)
                 self._torch_step(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                                  has_complex, foreach=group["foreach"], fused=group["fused"])
         return loss
 
-    def _kernel_step(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+    def _kernel_step(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef: float) -> None:
         mine, rest = [], []
         for i, four in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
             (mine if HAVE_TRITON and kernel_takes(*four, self.kernel_device_type) else rest).append(i)
         if rest:
+            _scale([grads[i] for i in rest], grad_coef)
             lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
             self._torch_rest(group, *([lst[i] for i in rest] for lst in lists))
         if not mine:
@@ -232,7 +241,7 @@ class TritonAdamW(torch.optim.AdamW):
             launch_adamw([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                          [exp_avg_sqs[i] for i in idx], lr=group["lr"], beta1=beta1, beta2=beta2,
                          eps=group["eps"], weight_decay=group["weight_decay"], step=key[-1],
-                         block=self.block)
+                         grad_coef=grad_coef, block=self.block)
 
     def _torch_rest(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         """Tensors the kernel cannot address: torch's fused kernel where it takes them all (on copies
@@ -260,6 +269,11 @@ class TritonAdamW(torch.optim.AdamW):
                     has_complex=has_complex, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
                     lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                     maximize=group["maximize"])
+
+
+def _scale(grads: list[Tensor], coef: float) -> None:
+    if coef != 1.0 and grads:
+        torch._foreach_mul_(grads, coef)
 
 
 __all__ = ["BLOCK", "HAVE_TRITON", "KERNEL_DTYPES", "TritonAdamW", "bucket_key", "chunk_table",

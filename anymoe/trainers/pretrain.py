@@ -48,7 +48,7 @@ from anymoe.trainers.config import RunConfig
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import LoopSettings, StepOutput, Trainer
 from anymoe.trainers.metrics import load_stats
-from anymoe.trainers.optim import LRSchedule, build_optimized
+from anymoe.trainers.optim import LRSchedule, build_optimized, clipped_step
 from anymoe.trainers.step_stats import MicroBatchStats
 
 IGNORE = -100
@@ -247,9 +247,9 @@ class PretrainTrainer(Trainer):
             if i == 0 and len(batches) > 1:
                 own_block_grads(self.model, self.compile_mode)  # out of the graph pool before a replay
         self._sync_grads()
-        read = stats.read(self._grad_norm_squares())  # the step's one host read
-        loss_value = self._dp_sum(read.ce_sum.clone()).item() / max(n_tokens, 1.0)
-        grad_norm = math.sqrt(read.extra[0] + read.extra[1])
+        host = stats.fetch(self._grad_norm_squares())  # the step's one host read
+        loss_value = self._dp_sum(host.ce_sum).item() / max(n_tokens, 1.0)
+        grad_norm = math.sqrt(host.extra[0] + host.extra[1])
         bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
@@ -258,12 +258,11 @@ class PretrainTrainer(Trainer):
             return StepOutput(loss=loss_value, tokens=int(n_tokens), skipped=True,
                               reason=f"non-finite {why}", metrics={"lr": lr, "grad_norm": grad_norm})
         clip = self.cfg.optim.grad_clip
-        if clip > 0 and grad_norm > clip:
-            coef = clip / (grad_norm + 1e-6)
-            torch._foreach_mul_([p.grad for p in self.model.parameters() if p.grad is not None], coef)
-        self.optimizer.step()
+        coef = clip / (grad_norm + 1e-6) if clip > 0 and grad_norm > clip else 1.0
+        clipped_step(self.optimizer, self.model.parameters(), coef)
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_router_biases()
+        read = host.summarize()  # the per-layer host sums, while the device runs the optimizer
         aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(read.aux_sums).items()}
         metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": read.aux_total, **aux_means}
         if self.distiller is not None:  # the KD term per loss token (before alpha), all ranks

@@ -61,7 +61,7 @@ def _data(dtype, seed):
     return start, grads
 
 
-def _run(make_opt, start, grads, steps=range(STEPS), state_dict=None):
+def _run(make_opt, start, grads, steps=range(STEPS), state_dict=None, grad_coef=1.0):
     params = [[torch.nn.Parameter(p.to(DEV, copy=True)) for p in ps] for ps in start]
     opt = make_opt([{"params": ps, **h} for ps, h in zip(params, HYPER)])
     if state_dict is not None:
@@ -70,7 +70,7 @@ def _run(make_opt, start, grads, steps=range(STEPS), state_dict=None):
         for ps, gs in zip(params, grads):
             for p, gl in zip(ps, gs):
                 p.grad = gl[s].to(DEV)
-        opt.step()
+        opt.step(**({"grad_coef": grad_coef} if grad_coef != 1.0 else {}))
     return params, opt
 
 
@@ -98,6 +98,23 @@ def test_matches_float64_and_torch_fused(dtype, monkeypatch):
                 assert ulps(got, other, dtype) <= bound, (*where, ulps(got, other, dtype), bound)
             step = opt.state[p]["step"]
             assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == STEPS
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grad_coef_is_clipping_inside_the_update(dtype, monkeypatch):
+    """step(grad_coef=c) updates as if every gradient were c * grad (float64 reference on scaled
+    gradients), in the kernel: the gradients themselves are left as they were."""
+    launched = _count_launches(monkeypatch)
+    start, grads = _data(dtype, 2)
+    coef = 0.37
+    ours, opt = _run(ok.TritonAdamW, start, grads, grad_coef=coef)
+    assert launched == [len(SIZES)] * (STEPS * len(HYPER))
+    for gi, h in enumerate(HYPER):
+        for p, p0, gl in zip(ours[gi], start[gi], grads[gi]):
+            assert torch.equal(p.grad.cpu(), gl[-1])  # read scaled, not scaled in place
+            ref = reference_adamw(p0, [g.double() * coef for g in gl], store=round_nearest(dtype), **h)
+            for name, got, want in zip(("p", "exp_avg", "exp_avg_sq"), _triple(opt, p), ref):
+                assert ulps(got, want, dtype) <= TOL_REF[dtype], (gi, p.shape, name, ulps(got, want, dtype))
 
 
 def test_a_misaligned_view_goes_to_torch_fused_and_still_matches(monkeypatch):

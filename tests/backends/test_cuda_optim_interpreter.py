@@ -53,7 +53,7 @@ start[0] += [param(33, torch.float32), param(4097, torch.float32)]
 NO_GRAD, MISALIGNED = len(start[0]) - 2, len(start[0]) - 1  # in group 0: no gradient; torch's path
 grads = [[[torch.randn(p.shape, generator=g).to(p.dtype) for _ in range(STEPS)] for p in ps] for ps in start]
 
-def run(opt_class, first=0, last=STEPS, resume=None, **kw):
+def run(opt_class, first=0, last=STEPS, resume=None, coef=1.0, **kw):
     params = [[torch.nn.Parameter(p.clone()) for p in ps] for ps in start]
     params[0][MISALIGNED] = torch.nn.Parameter(misaligned_copy(start[0][MISALIGNED]))
     opt = opt_class([{"params": ps, **h} for ps, h in zip(params, HYPER)], **kw)
@@ -67,7 +67,7 @@ def run(opt_class, first=0, last=STEPS, resume=None, **kw):
         for gi, (ps, gs) in enumerate(zip(params, grads)):
             for i, (p, gl) in enumerate(zip(ps, gs)):
                 p.grad = None if (gi, i) == (0, NO_GRAD) else gl[s].clone()
-        opt.step()
+        opt.step(**({"grad_coef": coef} if coef != 1.0 else {}))
     return params, opt
 
 params, opt = run(InterpretedAdamW)
@@ -94,6 +94,22 @@ for ps, qs in zip(params, twin):
             for key in ("exp_avg", "exp_avg_sq"):
                 assert ulps(opt.state[p][key], torch_opt.state[q][key], p.dtype) <= TOL[p.dtype], key
             assert ulps(p.detach(), q.detach(), p.dtype) <= TOL[p.dtype], (p.dtype, p.numel())
+
+# step(grad_coef=c): the update of c * grad; the kernel reads it scaled, torch's path scales in place
+COEF = 0.37
+scaled, scaled_opt = run(InterpretedAdamW, coef=COEF)
+for gi, h in enumerate(HYPER):
+    for i, (p, p0, gl) in enumerate(zip(scaled[gi], start[gi], grads[gi])):
+        if (gi, i) == (0, NO_GRAD):
+            continue
+        dt = p.dtype
+        store = truncate_bf16 if dt == torch.bfloat16 else round_nearest(dt)
+        ref = reference_adamw(p0, [g.double() * COEF for g in gl], store=store, **h)
+        st = scaled_opt.state[p]
+        for got, want in zip((p, st["exp_avg"], st["exp_avg_sq"]), ref):
+            assert ulps(got.detach(), want, dt) <= TOL[dt], ("coef", gi, dt, p.numel())
+        in_kernel = ok.kernel_takes(p, p.grad, st["exp_avg"], st["exp_avg_sq"], "cpu")
+        assert torch.equal(p.grad, gl[-1] if in_kernel else gl[-1] * COEF), (gi, i, in_kernel)
 
 # three steps in torch, two more in the kernel from torch's state_dict: the step count carries over
 half, half_opt = run(torch.optim.AdamW, last=3)
@@ -128,7 +144,7 @@ def test_kernel_compiles_for_sm90_with_vector_loads(tmp_path, monkeypatch):
         pytest.skip("Triton is in interpreter mode or missing here")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     sig = {name: "*i64" for name in ("P", "G", "M", "V", "START", "NUMEL")} | {"TENSOR": "*i32"}
-    scalars = ("decay", "step_size", "one_minus_b1", "beta2", "one_minus_b2", "eps", "bc2_sqrt")
+    scalars = ("decay", "step_size", "one_minus_b1", "beta2", "one_minus_b2", "eps", "bc2_sqrt", "grad_coef")
     sig |= {name: "fp32" for name in scalars}
     for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
         tl_dtype = ok._TL_DTYPE[dtype]

@@ -59,3 +59,29 @@ def test_grad_norm_and_clipping_match_float64_reference(tmp_path, clip):
     assert (coef < 1.0) == (clip < 1.0)  # both branches are exercised
     for n, g in before.items():
         torch.testing.assert_close(seen["after"][n], g * coef, rtol=1e-6, atol=0.0, msg=n)
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "triton"])
+@pytest.mark.parametrize("coef", [0.37, 1.0])
+def test_clipped_step_is_a_step_on_scaled_gradients(optimizer, coef):
+    """clipped_step(opt, params, c) == opt.step() on c * grad: by scaling in place first (torch's
+    AdamW), or inside the update (TritonAdamW takes grad_coef; on the CPU its torch path runs)."""
+    from anymoe.backends.cuda_optim_kernels import TritonAdamW
+    from anymoe.trainers.optim import clipped_step
+
+    make = {"torch": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1, fused=True),
+            "triton": lambda ps: TritonAdamW(ps, lr=0.1, weight_decay=0.1)}[optimizer]
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=g) for n in (5, 300)]
+    grads = [torch.randn(n, generator=g) for n in (5, 300)]
+
+    def run(clip_inside: bool):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params) if clip_inside else torch.optim.AdamW(params, lr=0.1, weight_decay=0.1, fused=True)
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone() if clip_inside else gr * coef
+        clipped_step(opt, params, coef) if clip_inside else opt.step()
+        return params
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
