@@ -103,7 +103,7 @@ def launch_rms_fwd(x_ND: Tensor, w_D: Tensor, eps: float) -> tuple[Tensor, Tenso
 
 def launch_add_rms_fwd(x_ND: Tensor, d_ND: Tensor, w_D: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(s = x + d [N, D] in x's dtype, y = rms_norm(s) in promote(s, w), rstd [N] fp32) for
-    contiguous x and d, d in x's dtype or a narrower one (the add in fp32, rounded once to x's)."""
+    contiguous x and d of one dtype."""
     return _launch_fwd(x_ND, d_ND, w_D, eps)
 
 
@@ -189,7 +189,6 @@ class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, d, weight, eps):
         ctx.set_materialize_grads(False)  # s unused (the last norm): no zero gradient to add
-        ctx.d_dtype = d.dtype  # d may be narrower than x (autocast: fp32 residual, bf16 delta)
         D = x.shape[-1]
         fwd = launch_add_rms_fwd if eager() else torch.ops.anymoe.add_rms_norm_fwd
         s, y, rstd = fwd(x.reshape(-1, D).contiguous(), d.reshape(-1, D).contiguous(), weight, eps)
@@ -200,13 +199,13 @@ class _AddRMSNorm(torch.autograd.Function):
     def backward(ctx, gs, gy):
         s, weight, rstd = ctx.saved_tensors
         if gy is None:
-            return gs, None if gs is None else gs.to(ctx.d_dtype), None, None
+            return gs, gs, None, None
         D = s.shape[-1]
         gx = None if gs is None else gs.reshape(-1, D).contiguous()
         bwd = launch_rms_bwd if eager() else torch.ops.anymoe.rms_norm_bwd
         dx, dw = bwd(s, weight, rstd, gy.reshape(-1, D).contiguous(), gx)
         dx = dx.view(gy.shape)
-        return dx, dx.to(ctx.d_dtype), dw, None
+        return dx, dx, dw, None
 
 
 class TritonNormOps(NormOps):
@@ -230,11 +229,7 @@ class TritonNormOps(NormOps):
         """One kernel per direction, eagerly and under torch.compile (custom ops): Inductor's
         fused add + norm backward took 69-87 us per call on the H100 step of moe-1b where
         reading and writing each tensor once takes ~45 (see the module docstring)."""
-        # d in x's dtype, or narrower (x + d is then x's dtype, as the kernel stores s): under
-        # autocast the residual stream is fp32 and each block's delta bf16 (Inductor's fused
-        # fp32 norms took 3.9 ms of the trainer's moe-1b step on the H100, these kernels 2.4).
-        if (d is None or d.shape != x.shape or torch.promote_types(x.dtype, d.dtype) != x.dtype
-                or d.dtype not in _KERNEL_DTYPES or not self.kernel_takes(x, weight)):
+        if d is None or d.shape != x.shape or d.dtype != x.dtype or not self.kernel_takes(x, weight):
             return super().add_rms_norm(x, d, weight, eps)
         return _AddRMSNorm.apply(x, d, weight, float(eps))
 
