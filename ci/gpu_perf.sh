@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU performance run (issue 9), one command: the GPU-marked kernel tests, then the MoE-layer
 # bench (A/B/C, balanced + Zipf), the per-call grouped GEMM bench, the AdamW step bench (torch fused
-# vs TritonAdamW over moe-1b's parameters) and the training-throughput bench (moe-1b vs transformers).
+# vs TritonAdamW over moe-1b's parameters), the training-throughput bench (moe-1b vs transformers)
+# and the real trainer's step on the same shape (bench/trainer_step.py).
 # JSON results, logs and kernel profiles go to $OUT (default bench/results); about 7 minutes
 # on one H100. Usage on the GPU machine, from the repo root:  bash ci/gpu_perf.sh [--quick]
 set -uo pipefail
@@ -27,6 +28,8 @@ else
   python3 bench/moe_layer.py --out "$OUT/moe_layer_$TAG.json" 2>&1 | tee "$OUT/moe_layer_$TAG.log" || status=1
   python3 bench/train_throughput.py --out "$OUT/train_throughput_$TAG.json" 2>&1 \
     | tee "$OUT/train_throughput_$TAG.log" || status=1
+  python3 bench/trainer_step.py --out "$OUT/trainer_step_$TAG.json" 2>&1 \
+    | tee "$OUT/trainer_step_$TAG.log" || status=1
   # The device tool returns at most 8 files: the per-variant profiles travel as one archive.
   if [[ -d "$OUT/profiles" && "$OUT" != "bench/results" ]]; then
     tar czf "$OUT/profiles_$TAG.tgz" -C "$OUT" profiles && rm -r "$OUT/profiles"
