@@ -157,3 +157,44 @@ def test_export_hf_at_the_end(tmp_path):
     hf = run / "hf"
     assert (hf / "config.json").is_file() and any(hf.glob("*.safetensors"))
     assert (hf / "anymoe_step.txt").read_text().strip() == "2"
+
+
+def test_bf16_master_keeps_fp32_masters_and_resumes_bitwise(tmp_path):
+    """train.precision: bf16_master: bf16 weights in the model and in model.pt, fp32 masters and
+    moments in optim.pt (canonical, unpadded: also resumed under pow2 sizing), each weight its
+    master rounded; a resume from step 4 repeats steps 5-8 bit for bit."""
+    import shutil
+
+    import torch
+
+    cfg = write_cfg(tmp_path, train={**FAST["train"], "precision": "bf16_master"})
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run)]) == 0
+    straight = losses(run)
+    assert straight[8] < straight[1]
+    ck = run / "checkpoints" / "step_00000004"
+    model = torch.load(ck / "model.pt", weights_only=True)
+    state = torch.load(ck / "optim.pt", weights_only=True)["state"]
+    w1 = next(k for k in model if k.endswith("experts.w1"))
+    assert state[w1]["master"].shape[-1] == 48 and model[w1].shape[-1] == 48
+    for name, st in state.items():
+        assert st["master"].dtype == st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32, name
+        assert model[name].dtype == torch.bfloat16, name
+        assert torch.equal(model[name], st["master"].to(torch.bfloat16)), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["precision"] == "bf16_master"
+    pow2 = tmp_path / "pow2"
+    shutil.copytree(run, pow2)
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    assert main(["train", str(cfg), "--out", str(run), "--resume"]) == 0
+    assert losses(run) == straight  # bitwise
+    shutil.rmtree(pow2 / "checkpoints" / "step_00000008")
+    assert main(["train", str(cfg), "--out", str(pow2), "--resume", "--sizing", "pow2"]) == 0
+    for step, loss in losses(pow2).items():
+        assert loss == pytest.approx(straight[step], rel=2e-2), step
+
+
+def test_bf16_master_refused_with_deepspeed(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, train={**FAST["train"], "precision": "bf16_master"}, engine="deepspeed")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "train.precision" in capsys.readouterr().err

@@ -162,11 +162,14 @@ class CUDABackend(Backend):
     def device_count(self) -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
-    def adamw_class(self) -> type[torch.optim.AdamW] | None:
+    def adamw_class(self, master_weights: bool = False) -> type[torch.optim.AdamW] | None:
         # One Triton launch over every chunk of every tensor (anymoe/backends/cuda_optim_kernels.py);
         # H100, moe-1b: 6.68 ms vs 8.03 ms for torch's fused AdamW
-        # (bench/results/gpu_h100/session4/optimizer_h100_s4_final.json).
-        return cuda_optim_kernels.TritonAdamW if cuda_optim_kernels.HAVE_TRITON else None
+        # (bench/results/gpu_h100/session4/optimizer_h100_s4_final.json). Its master weights run
+        # through torch's AdamW where Triton is missing.
+        if master_weights or cuda_optim_kernels.HAVE_TRITON:
+            return cuda_optim_kernels.TritonAdamW
+        return None
 
 
 # Triton kernels of the fast MoE dispatch path register themselves for "cuda" on import

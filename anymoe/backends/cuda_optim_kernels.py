@@ -58,8 +58,8 @@ if HAVE_TRITON:
     _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
-    def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, mask, decay, step_size, one_minus_b1, beta2,
-                      one_minus_b2, eps, bc2_sqrt, grad_coef):
+    def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, idx, mask, decay, step_size, one_minus_b1, beta2,
+                      one_minus_b2, eps, bc2_sqrt, grad_coef, HAS_Q: tl.constexpr):
         p = tl.load(p_ptr + idx, mask=mask).to(tl.float32)
         g = tl.load(g_ptr + idx, mask=mask).to(tl.float32) * grad_coef  # clipping, in this pass
         m = tl.load(m_ptr + idx, mask=mask).to(tl.float32)
@@ -72,14 +72,16 @@ if HAVE_TRITON:
         v = beta2 * v + one_minus_b2 * g * g
         p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
         tl.store(p_ptr + idx, p.to(p_ptr.dtype.element_ty), mask=mask)
+        if HAS_Q:  # master weights: p is the fp32 master, q the model's low-precision copy
+            tl.store(q_ptr + idx, p.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + idx, v.to(v_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _adamw_kernel(P, G, M, V, TENSOR, START, NUMEL, decay, step_size, one_minus_b1, beta2, one_minus_b2,
-                      eps, bc2_sqrt, grad_coef,
+    def _adamw_kernel(P, G, M, V, Q, TENSOR, START, NUMEL, decay, step_size, one_minus_b1, beta2,
+                      one_minus_b2, eps, bc2_sqrt, grad_coef,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      Q_DTYPE: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr):
         c = tl.program_id(0)
         t = tl.load(TENSOR + c)
         start = tl.multiple_of(tl.load(START + c), BLOCK)
@@ -89,13 +91,16 @@ if HAVE_TRITON:
         g_ptr = tl.multiple_of(tl.load(G + t).to(tl.pointer_type(G_DTYPE)), 16)
         m_ptr = tl.multiple_of(tl.load(M + t).to(tl.pointer_type(S_DTYPE)), 16)
         v_ptr = tl.multiple_of(tl.load(V + t).to(tl.pointer_type(S_DTYPE)), 16)
+        q_ptr = p_ptr
+        if HAS_Q:
+            q_ptr = tl.multiple_of(tl.load(Q + t).to(tl.pointer_type(Q_DTYPE)), 16)
         idx = start + tl.arange(0, BLOCK)
         if start + BLOCK <= n:  # a full chunk: no mask, so the loads vectorise
-            _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, None,
-                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt, grad_coef)
+            _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, idx, None, decay, step_size, one_minus_b1,
+                          beta2, one_minus_b2, eps, bc2_sqrt, grad_coef, HAS_Q)
         else:  # the tensor's tail
-            _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, idx, idx < n,
-                          decay, step_size, one_minus_b1, beta2, one_minus_b2, eps, bc2_sqrt, grad_coef)
+            _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, idx, idx < n, decay, step_size, one_minus_b1,
+                          beta2, one_minus_b2, eps, bc2_sqrt, grad_coef, HAS_Q)
 
 
 def chunk_table(numels: tuple[int, ...], block: int) -> tuple[Tensor, Tensor]:
@@ -122,29 +127,34 @@ def _device_tables(numels: tuple[int, ...], block: int, device: torch.device) ->
 
 def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float,
-                 grad_coef: float = 1.0, block: int = BLOCK) -> None:
+                 grad_coef: float = 1.0, copies: list[Tensor] | None = None, block: int = BLOCK) -> None:
     """One AdamW step (``step`` counted from 1, already incremented) over contiguous, 16-byte-aligned
     tensors of one device and one (param, grad, state) dtype triple, in one launch; each gradient
-    is read as ``grad * grad_coef`` (in fp32: gradient clipping without a pass of its own)."""
+    is read as ``grad * grad_coef`` (in fp32: gradient clipping without a pass of its own).
+    ``copies`` (master weights): one tensor per param, of one dtype, written with the updated
+    param rounded to it in the same pass (the model's bf16 weights of fp32 masters)."""
     device = params[0].device
     tensor_C, start_C, numel_T = _device_tables(tuple(p.numel() for p in params), block, device)
     if tensor_C.numel() == 0:
         return
     # Addresses change every step (new grads after zero_grad(set_to_none=True), new states
     # after load_state_dict): one small table per call, copied from pinned memory.
-    addresses = [t.data_ptr() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts]
+    lists = (params, grads, exp_avgs, exp_avg_sqs) + ((copies,) if copies is not None else ())
+    addresses = [t.data_ptr() for ts in lists for t in ts]
     host = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda")
-    ptr_4T = host.to(device, non_blocking=True).view(4, len(params))
+    ptr_4T = host.to(device, non_blocking=True).view(len(lists), len(params))
+    q_dtype = copies[0].dtype if copies is not None else params[0].dtype
     bc1 = 1.0 - beta1**step
     bc2_sqrt = math.sqrt(1.0 - beta2**step)
     # Triton launches on the current GPU: make it the tensors' one
     other_gpu = device.type == "cuda" and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if other_gpu else contextlib.nullcontext():
         _adamw_kernel[(tensor_C.numel(),)](
-            ptr_4T[0], ptr_4T[1], ptr_4T[2], ptr_4T[3], tensor_C, start_C, numel_T,
+            ptr_4T[0], ptr_4T[1], ptr_4T[2], ptr_4T[3], ptr_4T[-1], tensor_C, start_C, numel_T,
             1.0 - lr * weight_decay, lr / bc1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bc2_sqrt, grad_coef,
             P_DTYPE=_TL_DTYPE[params[0].dtype], G_DTYPE=_TL_DTYPE[grads[0].dtype],
-            S_DTYPE=_TL_DTYPE[exp_avgs[0].dtype], BLOCK=block, num_warps=4)
+            S_DTYPE=_TL_DTYPE[exp_avgs[0].dtype], Q_DTYPE=_TL_DTYPE[q_dtype], HAS_Q=copies is not None,
+            BLOCK=block, num_warps=4)
 
 
 def group_uses_kernel(group: dict) -> bool:
@@ -187,11 +197,64 @@ class TritonAdamW(torch.optim.AdamW):
 
     Only ``step`` differs from the parent. Built like torch.optim.AdamW; leave ``fused`` and
     ``foreach`` unset (they choose torch's implementation for what the kernel does not take).
+
+    ``master_weights=True`` (low-precision parameters, e.g. a bf16 model): each parameter's
+    state also holds ``master``, an fp32 copy, and the moments are fp32; the update reads the
+    low-precision gradient, steps the master and writes the parameter as the master rounded to
+    its dtype, in the same pass (the kernel), so the model never sees an fp32 weight and nothing
+    is lost to bf16 rounding between steps. ``master`` is ordinary optimizer state: it is in
+    ``state_dict()`` and comes back in fp32 from ``load_state_dict`` (torch would cast it, and
+    the moments, to the parameter's dtype); a state without one (loaded from a run without master
+    weights) starts its master from the parameter.
     """
 
     kernel_device_type = "cuda"  # the Triton-interpreter tests set "cpu"
     block = BLOCK
     takes_grad_coef = True  # step(grad_coef=c): the update reads grad * c (anymoe.trainers.optim)
+
+    def __init__(self, params, *args, master_weights: bool = False, **kwargs) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.master_weights = master_weights
+        if master_weights:
+            plain = [g for g in self.param_groups if group_uses_kernel(g) and g["fused"] is None
+                     and g["foreach"] is None]
+            if len(plain) != len(self.param_groups):
+                raise ValueError("master_weights takes plain AdamW groups only (no amsgrad, maximize, "
+                                 "capturable, differentiable, fused or foreach, float hyper-parameters)")
+
+    def _master_state(self, p: Tensor) -> dict:
+        """p's state with an fp32 master and fp32 moments (made on first use, or upgraded)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        if "master" not in state:
+            state["master"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].dtype != torch.float32:
+                state[key] = state[key].float()
+        return state
+
+    @torch.no_grad()
+    def init_master_weights(self) -> None:
+        """Every parameter's master from its value now: called before the model is cast down, the
+        masters start exact (else a master starts from the rounded parameter at its first step)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._master_state(p)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if not self.master_weights:
+            return
+        # torch cast every floating state tensor to its parameter's dtype; restore fp32 values.
+        ordered = [p for g in self.param_groups for p in g["params"]]
+        for idx, saved in state_dict["state"].items():
+            p = ordered[int(idx)]
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                if key in saved and torch.is_tensor(saved[key]):
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
 
     @_use_grad_for_differentiable
     def step(self, closure=None, *, grad_coef: float = 1.0):
@@ -208,10 +271,18 @@ class TritonAdamW(torch.optim.AdamW):
                 loss = closure()
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+            if self.master_weights:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._master_state(p)
             # torch's own lazy state init (and its refusal of sparse gradients)
             has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                            steps)
-            if group_uses_kernel(group) and not torch.compiler.is_compiling():
+            if self.master_weights:
+                masters = [self.state[p]["master"] for p in params]
+                self._kernel_step(group, masters, grads, exp_avgs, exp_avg_sqs, steps, grad_coef,
+                                  copies=params)
+            elif group_uses_kernel(group) and not torch.compiler.is_compiling():
                 self._kernel_step(group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef)
             else:  # exactly what torch.optim.AdamW.step does for this group
                 _scale(grads, grad_coef)
@@ -219,14 +290,27 @@ class TritonAdamW(torch.optim.AdamW):
                                  has_complex, foreach=group["foreach"], fused=group["fused"])
         return loss
 
-    def _kernel_step(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef: float) -> None:
+    def _kernel_step(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef: float,
+                     copies: list[Tensor] | None = None) -> None:
+        """``copies`` (master weights): params are the fp32 masters, copies the model's parameters."""
         mine, rest = [], []
         for i, four in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-            (mine if HAVE_TRITON and kernel_takes(*four, self.kernel_device_type) else rest).append(i)
+            takes = (HAVE_TRITON and kernel_takes(*four, self.kernel_device_type)
+                     and not torch.compiler.is_compiling())
+            if copies is not None:
+                q = copies[i]
+                takes = takes and type(q) in _PLAIN and q.is_contiguous() and q.data_ptr() % _ALIGN == 0 \
+                    and q.dtype in KERNEL_DTYPES
+            (mine if takes else rest).append(i)
         if rest:
-            _scale([grads[i] for i in rest], grad_coef)
             lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
-            self._torch_rest(group, *([lst[i] for i in rest] for lst in lists))
+            sub = [[lst[i] for i in rest] for lst in lists]
+            if copies is not None:  # torch's AdamW wants the gradient in the master's dtype
+                sub[1] = [g.to(p.dtype) for g, p in zip(sub[1], sub[0])]
+            _scale(sub[1], grad_coef)
+            self._torch_rest(group, *sub)
+            if copies is not None:
+                torch._foreach_copy_([copies[i] for i in rest], sub[0])
         if not mine:
             return
         for i in mine:
@@ -235,13 +319,15 @@ class TritonAdamW(torch.optim.AdamW):
         torch._foreach_add_([steps[i] for i in mine], 1.0)  # as torch: count the step, then use it
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i in mine:
-            buckets[bucket_key(params[i], grads[i], exp_avgs[i], steps[i].item())].append(i)
+            copy_dtype = () if copies is None else (copies[i].dtype,)
+            buckets[copy_dtype + bucket_key(params[i], grads[i], exp_avgs[i], steps[i].item())].append(i)
         beta1, beta2 = group["betas"]
         for key, idx in buckets.items():
             launch_adamw([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                          [exp_avg_sqs[i] for i in idx], lr=group["lr"], beta1=beta1, beta2=beta2,
                          eps=group["eps"], weight_decay=group["weight_decay"], step=key[-1],
-                         grad_coef=grad_coef, block=self.block)
+                         grad_coef=grad_coef, copies=None if copies is None else [copies[i] for i in idx],
+                         block=self.block)
 
     def _torch_rest(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         """Tensors the kernel cannot address: torch's fused kernel where it takes them all (on copies

@@ -210,6 +210,15 @@ class NPUBackend(Backend):
         os.environ["HCCL_DETERMINISTIC"] = "true" if on else "false"
         use_deterministic_algorithms(on)
 
+    def adamw_class(self, master_weights: bool = False) -> type[torch.optim.AdamW] | None:
+        # Master weights: TritonAdamW's device-independent path (torch's AdamW on the fp32 masters,
+        # then the copy); its kernel takes CUDA tensors only.
+        if master_weights:
+            from anymoe.backends.cuda_optim_kernels import TritonAdamW
+
+            return TritonAdamW
+        return None
+
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16
 

@@ -111,9 +111,13 @@ class Backend(ABC):
         """Optional accelerator libraries this backend uses or skips, and why (for `anymoe env`)."""
         return {}
 
-    def adamw_class(self) -> type[torch.optim.AdamW] | None:
+    def adamw_class(self, master_weights: bool = False) -> type[torch.optim.AdamW] | None:
         """An AdamW subclass with a faster step on this device, same math and state_dict (checkpoints
-        move between it and torch's); None = torch's own (``optim.fused: auto`` asks here first)."""
+        move between it and torch's); None = torch's own (``optim.fused: auto`` asks here first).
+
+        ``master_weights``: one that takes ``master_weights=True`` (fp32 masters of low-precision
+        parameters kept in its state; ``train.precision: bf16_master``), or None where the backend
+        has none."""
         return None
 
     def optimize(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):

@@ -172,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         shutdown(wait_for_peers=finished)
     if env.is_main:
         info = {"backend": backend.name, "world_size": env.world_size, "ep": groups.ep.size,
-                "precision": str(resolve_precision(cfg, backend) or "fp32").replace("torch.", ""),
+                "precision": ("bf16_master" if cfg.train.precision == "bf16_master"
+                              else str(resolve_precision(cfg, backend) or "fp32").replace("torch.", "")),
                 "parameters": trainer.model.num_parameters(),
                 "active_parameters": trainer.model.num_parameters(active=True),
                 "steps": trainer.step, "seconds": round(time.perf_counter() - t0, 2),

@@ -44,8 +44,10 @@ class TrainConfig:
     grad_accum: int | None = param(None, ge=1, doc="micro-batches per rank and step (null: global_batch)")
     global_batch: int | None = param(None, ge=1, doc="sequences per optimizer step, all ranks together")
     seed: int = param(1234, ge=0, doc="seed of weights, data order and dropout")
-    precision: Literal["auto", "fp32", "bf16"] = param(
-        "auto", doc="auto: the backend's mixed-precision dtype (fp32 on the CPU); fp32 for parity runs")
+    precision: Literal["auto", "fp32", "bf16", "bf16_master"] = param(
+        "auto", doc="auto: the backend's mixed-precision dtype (fp32 on the CPU); fp32 for parity runs; "
+                    "bf16: autocast over fp32 weights; bf16_master: bf16 weights, activations and "
+                    "gradients, fp32 master weights and moments in the optimizer")
     deterministic: bool = param(True, doc="deterministic algorithms where the backend has them")
     host_threads: int | None = param(None, ge=1, doc="intra-op CPU threads per process (null: "
                                                       "OMP_NUM_THREADS, else torch's default)")
@@ -152,6 +154,9 @@ class RunConfig:
             raise ConfigError("parallel.ep", "expert parallelism needs an MoE model (model.moe); set ep: 1")
         if self.engine == "deepspeed":
             check_deepspeed(self.deepspeed, self.model)
+            if self.train.precision == "bf16_master":
+                raise ConfigError("train.precision", "bf16_master is the native engine's; DeepSpeed keeps "
+                                  "its own fp32 masters under bf16: set train.precision: bf16")
         check_finetune(self.finetune, self.model, self.ep)
         check_compile_config(self)
         seq = getattr(self.data, "seq_len", None)

@@ -107,9 +107,11 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or "norm" in lowered or lowered.endswith(".bias") or "embed" in lowered
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, backend) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, backend,
+                    master_weights: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, no decay on norms/biases/embeddings; the implementation
-    as ``cfg.fused`` says (module docstring)."""
+    as ``cfg.fused`` says (module docstring). ``master_weights``: the backend's AdamW that keeps fp32
+    masters of the parameters (``train.precision: bf16_master``), whatever ``cfg.fused`` says."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -118,6 +120,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, backend) -> torch.optim.
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     hyper = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+    if master_weights:
+        master_class = backend.adamw_class(master_weights=True)
+        if master_class is None:
+            raise ConfigError("train.precision", f"bf16_master needs an AdamW with master weights, which the "
+                              f"{backend.name} backend lacks; use bf16 (autocast) or fp32")
+        return master_class(groups, **hyper, master_weights=True)
     backend_class = backend.adamw_class() if cfg.fused == "auto" else None
     if backend_class is not None:
         return backend_class(groups, **hyper)
@@ -144,10 +152,13 @@ def clipped_step(optimizer: torch.optim.Optimizer, params, coef: float) -> None:
     optimizer.step()
 
 
-def build_optimized(model: nn.Module, cfg: OptimConfig, backend) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build_optimized(model: nn.Module, cfg: OptimConfig, backend,
+                    master_weights: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
     """``build_optimizer``, then the backend's vendor optimiser (``Backend.optimize``; a no-op where
-    the backend has none). Train the returned model and optimizer, not the inputs."""
-    return backend.optimize(model, build_optimizer(model, cfg, backend))
+    the backend has none; skipped with master weights). Train the returned model and optimizer,
+    not the inputs."""
+    optimizer = build_optimizer(model, cfg, backend, master_weights)
+    return (model, optimizer) if master_weights else backend.optimize(model, optimizer)
 
 
 __all__ = ["LRSchedule", "OptimConfig", "build_optimized", "build_optimizer", "clipped_step",

@@ -120,8 +120,9 @@ def loop_settings(cfg: RunConfig, resume: bool) -> LoopSettings:
 
 
 def resolve_precision(cfg: RunConfig, backend) -> torch.dtype | None:
-    """The autocast dtype: None = fp32. ``auto`` asks the backend."""
-    if cfg.train.precision == "fp32":
+    """The autocast dtype: None = fp32 (or no autocast: ``bf16_master`` runs the model in bf16).
+    ``auto`` asks the backend."""
+    if cfg.train.precision in ("fp32", "bf16_master"):
         return None
     if cfg.train.precision == "bf16":
         return torch.bfloat16
@@ -159,6 +160,8 @@ class PretrainTrainer(Trainer):
             torch.set_num_threads(cfg.train.host_threads)
         backend.set_deterministic(cfg.train.deterministic)
         self.amp_dtype = resolve_precision(cfg, backend)
+        # bf16_master: bf16 weights (no autocast, no per-step weight casts), fp32 masters in the optimizer
+        self.param_dtype = torch.bfloat16 if cfg.train.precision == "bf16_master" else None
         self.dp_size = self.groups.dp.size if self.groups is not None else 1
         self.dp_rank = self.groups.dp.rank if self.groups is not None else 0
         self.accum = cfg.train.accumulation(self.dp_size)
@@ -179,7 +182,13 @@ class PretrainTrainer(Trainer):
         self.distiller = self._build_distiller()
         # In place, after fine-tuning has shaped the model: parameters and state_dict keys unchanged.
         compile_blocks(self.model, backend, self.compile_mode, self._compiler)
-        self.model, self.optimizer = build_optimized(self.model, cfg.optim, backend)
+        self.model, self.optimizer = build_optimized(self.model, cfg.optim, backend,
+                                                     master_weights=self.param_dtype is not None)
+        if self.param_dtype is not None:
+            self.optimizer.init_master_weights()  # from the fp32 weights, then the model goes bf16
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.data = p.data.to(self.param_dtype)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
         backend.manual_seed(cfg.train.seed + 1 + self.dist.rank)  # dropout streams, distinct per rank
         self.tokens_per_step = cfg.train.micro_batch * self.accum * self.dp_size * cfg.data.seq_len
@@ -187,6 +196,8 @@ class PretrainTrainer(Trainer):
         if self.dist.is_main:
             params, active = self.model.num_parameters(), self.model.num_parameters(active=True)
             dtype = str(self.amp_dtype or "fp32").replace("torch.", "")
+            if self.param_dtype is not None:
+                dtype = "bf16 weights, fp32 masters"
             if self.compile_mode != "none":
                 dtype += f", compile {self.compile_mode}"
             ep = self.groups.ep.size if self.groups is not None else 1
@@ -212,7 +223,8 @@ class PretrainTrainer(Trainer):
 
     def derived_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         """MFU = achieved FLOP/s / (peak FLOP/s x ranks); null where the backend has no peak."""
-        peak = self.backend.peak_flops(self.amp_dtype or torch.float32) * self.dist.world_size
+        dtype = self.amp_dtype or self.param_dtype or torch.float32
+        peak = self.backend.peak_flops(dtype) * self.dist.world_size
         mfu = row["tokens_per_s"] * self.flops_per_token / peak if peak > 0 else None
         return {"mfu": mfu, "memory": self.backend.memory_stats()}
 

@@ -117,6 +117,33 @@ def test_grad_coef_is_clipping_inside_the_update(dtype, monkeypatch):
                 assert ulps(got, want, dtype) <= TOL_REF[dtype], (gi, p.shape, name, ulps(got, want, dtype))
 
 
+def test_master_weights_in_the_kernel(monkeypatch):
+    """master_weights=True over bf16 parameters: fp32 masters and moments stepped by the kernel
+    (float64 reference on the bf16 gradients times the clipping coefficient), each parameter
+    written in the same launch as its master rounded to nearest bf16."""
+    launched = _count_launches(monkeypatch)
+    start, grads = _data(torch.bfloat16, 3)
+    params = [[torch.nn.Parameter(p.to(DEV, copy=True)) for p in ps] for ps in start]
+    opt = ok.TritonAdamW([{"params": ps, **h} for ps, h in zip(params, HYPER)], master_weights=True)
+    coef = 0.37
+    for s in range(STEPS):
+        for ps, gs in zip(params, grads):
+            for p, gl in zip(ps, gs):
+                p.grad = gl[s].to(DEV)
+        opt.step(grad_coef=coef)
+    assert launched == [len(SIZES)] * (STEPS * len(HYPER))
+    for gi, h in enumerate(HYPER):
+        for p, p0, gl in zip(params[gi], start[gi], grads[gi]):
+            st = opt.state[p]
+            fp32 = torch.float32
+            ref = reference_adamw(p0, [g.double() * coef for g in gl], store=round_nearest(fp32), **h)
+            for name, got, want in zip(("master", "exp_avg", "exp_avg_sq"),
+                                       (st["master"], st["exp_avg"], st["exp_avg_sq"]), ref):
+                got = got.cpu()
+                assert got.dtype == fp32 and ulps(got, want, fp32) <= TOL_REF[fp32], (gi, p.shape, name)
+            assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), st["master"].to(torch.bfloat16))
+
+
 def test_a_misaligned_view_goes_to_torch_fused_and_still_matches(monkeypatch):
     launched = _count_launches(monkeypatch)
     g = torch.Generator().manual_seed(2)

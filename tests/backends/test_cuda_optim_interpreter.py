@@ -111,6 +111,26 @@ for gi, h in enumerate(HYPER):
         in_kernel = ok.kernel_takes(p, p.grad, st["exp_avg"], st["exp_avg_sq"], "cpu")
         assert torch.equal(p.grad, gl[-1] if in_kernel else gl[-1] * COEF), (gi, i, in_kernel)
 
+# master weights: bf16 parameters, fp32 masters and moments stepped by the kernel, which also
+# writes each parameter as its master rounded to bf16 (truncated, in the interpreter)
+launched.clear()
+mw = [torch.nn.Parameter(param(n, torch.float32).to(torch.bfloat16)) for n in (7, 2049, 3 * 2048)]
+mw_grads = [[torch.randn(p.shape, generator=g).to(torch.bfloat16) for _ in range(STEPS)] for p in mw]
+mw_start = [p.detach().clone() for p in mw]
+mw_opt = InterpretedAdamW(mw, master_weights=True, **HYPER[0])
+for s in range(STEPS):
+    for p, gl in zip(mw, mw_grads):
+        p.grad = gl[s].clone()
+    mw_opt.step(grad_coef=COEF)
+assert launched == [len(mw)] * STEPS, launched
+for p, p0, gl in zip(mw, mw_start, mw_grads):
+    st = mw_opt.state[p]
+    ref = reference_adamw(p0, [x.double() * COEF for x in gl], store=round_nearest(torch.float32), **HYPER[0])
+    for got, want in zip((st["master"], st["exp_avg"], st["exp_avg_sq"]), ref):
+        assert got.dtype == torch.float32 and ulps(got, want, torch.float32) <= TOL[torch.float32], p.numel()
+    assert p.dtype == torch.bfloat16
+    assert torch.equal(p.detach().double(), truncate_bf16(st["master"].double()))
+
 # three steps in torch, two more in the kernel from torch's state_dict: the step count carries over
 half, half_opt = run(torch.optim.AdamW, last=3)
 weights = [[p.detach() for p in ps] for ps in half]
@@ -143,12 +163,13 @@ def test_kernel_compiles_for_sm90_with_vector_loads(tmp_path, monkeypatch):
     if not ok.HAVE_TRITON or not hasattr(ok._adamw_kernel, "arg_names"):
         pytest.skip("Triton is in interpreter mode or missing here")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    sig = {name: "*i64" for name in ("P", "G", "M", "V", "START", "NUMEL")} | {"TENSOR": "*i32"}
+    sig = {name: "*i64" for name in ("P", "G", "M", "V", "Q", "START", "NUMEL")} | {"TENSOR": "*i32"}
     scalars = ("decay", "step_size", "one_minus_b1", "beta2", "one_minus_b2", "eps", "bc2_sqrt", "grad_coef")
     sig |= {name: "fp32" for name in scalars}
     for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
         tl_dtype = ok._TL_DTYPE[dtype]
-        constexprs = {"P_DTYPE": tl_dtype, "G_DTYPE": tl_dtype, "S_DTYPE": tl_dtype, "BLOCK": ok.BLOCK}
+        constexprs = {"P_DTYPE": tl_dtype, "G_DTYPE": tl_dtype, "S_DTYPE": tl_dtype, "Q_DTYPE": tl_dtype,
+                      "HAS_Q": False, "BLOCK": ok.BLOCK}
         signature = {name: sig.get(name, "constexpr") for name in ok._adamw_kernel.arg_names}
         try:
             kernel = triton_compile(ASTSource(ok._adamw_kernel, signature, constexprs),
@@ -159,3 +180,12 @@ def test_kernel_compiles_for_sm90_with_vector_loads(tmp_path, monkeypatch):
         per_tensor = 16 * size // 16  # 16 elements per thread in 16-byte vectors
         assert ptx.count("ld.global.v4.b32") == 4 * per_tensor, dtype  # p, g, m, v
         assert ptx.count("st.global.v4.b32") == 3 * per_tensor, dtype  # p, m, v
+    # master weights: fp32 master and moments, bf16 gradient and bf16 copy, all in 16-byte vectors
+    f32, b16 = ok._TL_DTYPE[torch.float32], ok._TL_DTYPE[torch.bfloat16]
+    constexprs = {"P_DTYPE": f32, "G_DTYPE": b16, "S_DTYPE": f32, "Q_DTYPE": b16, "HAS_Q": True,
+                  "BLOCK": ok.BLOCK}
+    kernel = triton_compile(ASTSource(ok._adamw_kernel, signature, constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    assert ptx.count("ld.global.v4.b32") == 4 + 2 + 4 + 4  # master, g (bf16), m, v
+    assert ptx.count("st.global.v4.b32") == 4 + 2 + 4 + 4  # master, the bf16 copy, m, v

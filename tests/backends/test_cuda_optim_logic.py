@@ -257,3 +257,81 @@ def test_cuda_backend_offers_it_where_triton_imports():
     want = ok.TritonAdamW if ok.HAVE_TRITON else None
     assert create_backend("cuda").adamw_class() is want
     assert create_backend("cpu").adamw_class() is None
+
+
+def test_master_weights_step_fp32_masters_and_write_bf16_params():
+    """master_weights=True over bf16 parameters: the update is torch AdamW on fp32 masters with the
+    bf16 gradients (clipping coefficient included), each parameter is its master rounded to bf16,
+    and the state (master, moments) stays fp32."""
+    params = _params((7, 5), (300,), dtype=torch.bfloat16, seed=3)
+    masters = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt = ok.TritonAdamW(params, lr=0.05, weight_decay=0.1, master_weights=True)
+    ref = torch.optim.AdamW(masters, lr=0.05, weight_decay=0.1, fused=True)  # what it runs on the CPU
+    for step, coef in enumerate((1.0, 0.5, 1.0)):
+        _set_grads(params, seed=10 + step)
+        for m, p in zip(masters, params):
+            m.grad = p.grad.float() * coef
+        opt.step(grad_coef=coef)
+        ref.step()
+        for p, m in zip(params, masters):
+            assert torch.equal(opt.state[p]["master"], m.detach())
+            assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
+            assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_master_weights_survive_state_dict_in_fp32():
+    """Saved and loaded (torch would cast the state to the parameters' bf16), then stepped on: the
+    same as never interrupted; a state without masters (another run's) starts them from the params."""
+    def run(steps, resume=None):
+        params = _params((33,), (4, 4), dtype=torch.bfloat16, seed=5)
+        opt = ok.TritonAdamW(params, lr=0.01, master_weights=True)
+        if resume is not None:
+            weights, sd = resume
+            for p, w in zip(params, weights):
+                p.data.copy_(w)
+            opt.load_state_dict(sd)
+        for s in steps:
+            _set_grads(params, seed=s)
+            opt.step()
+        return params, opt
+
+    straight, _ = run(range(4))
+    half, half_opt = run(range(2))
+    buf = io.BytesIO()
+    torch.save(half_opt.state_dict(), buf)
+    buf.seek(0)
+    resumed, resumed_opt = run(range(2, 4), resume=([p.detach().clone() for p in half], torch.load(buf)))
+    for p, q in zip(resumed, straight):
+        assert torch.equal(p, q)
+        assert resumed_opt.state[p]["master"].dtype == torch.float32
+    plain = _params((9,), dtype=torch.bfloat16, seed=1)
+    opt = ok.TritonAdamW(plain, lr=0.01, master_weights=True)
+    _set_grads(plain, seed=0)
+    torch.optim.AdamW(plain, lr=0.01).step()  # a bf16 state, as another run would have saved
+    sd = torch.optim.AdamW(plain, lr=0.01).state_dict()
+    opt.load_state_dict(sd)
+    opt.step()
+    assert opt.state[plain[0]]["master"].dtype == torch.float32
+
+
+def test_master_weights_refuse_groups_the_kernel_lacks():
+    with pytest.raises(ValueError, match="master_weights"):
+        ok.TritonAdamW(_params((3,), dtype=torch.bfloat16), lr=0.1, amsgrad=True, master_weights=True)
+
+
+def test_master_weights_launch_writes_the_params(launches, monkeypatch):
+    """With CPU tensors let into the kernel path: one launch per group, masters as the updated
+    tensors, the bf16 parameters handed over as the copies."""
+    seen = []
+    real = ok.launch_adamw
+
+    def record(params, grads, exp_avgs, exp_avg_sqs, *, copies=None, **kw):
+        seen.append(([p.dtype for p in params], [c.dtype for c in copies], [g.dtype for g in grads]))
+        return real(params, grads, exp_avgs, exp_avg_sqs, **kw)
+
+    monkeypatch.setattr(ok, "launch_adamw", record)
+    params = _params((64,), (2048,), dtype=torch.bfloat16)
+    opt = CPUKernelAdamW(params, lr=0.1, master_weights=True)
+    _set_grads(params, seed=0)
+    opt.step()
+    assert seen == [([torch.float32] * 2, [torch.bfloat16] * 2, [torch.bfloat16] * 2)]

@@ -49,6 +49,20 @@ def test_loss_falls_with_mixed_precision(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", DEVICES)
+def test_bf16_master_trains_close_to_autocast(tmp_path, backend):
+    """bf16 weights with fp32 masters in the optimizer (on CUDA the AdamW kernel writes both):
+    the loss falls as under autocast over fp32 weights, step by step within bf16 noise."""
+    _usable(backend)
+    auto = {r["step"]: r["loss"] for r in read_metrics(_run(tmp_path, "auto", backend)) if "loss" in r}
+    run = _run(tmp_path, "master", backend, "--set", "train.precision=bf16_master")
+    master = {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+    assert master[max(master)] < master[1] - 1.0
+    for step, loss in auto.items():
+        assert master[step] == pytest.approx(loss, rel=0.1), step
+    assert json.loads((run / "run.json").read_text())["precision"] == "bf16_master"
+
+
+@pytest.mark.parametrize("backend", DEVICES)
 def test_fp32_matches_the_cpu(tmp_path, backend):
     _usable(backend)
     args = ("--steps", "5", "--set", "train.precision=fp32")
