@@ -153,7 +153,8 @@ def main(argv=None):
         print(name, {k: round(v, 2) for k, v in table.items() if k != "top"}, flush=True)
     env = environment() if torch.cuda.is_available() else {}
     doc = {"bench": "trainer_step", "env": env, "config": args.config, "overrides": args.set,
-           "tokens_per_step": tokens, "precision": str(trainer.amp_dtype or "fp32"),
+           "tokens_per_step": tokens, "precision": cfg.train.precision,
+           "autocast": str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else None,
            "compile": trainer.compile_mode, "grad_clip": clip, "results": res}
     if args.out:
         with open(args.out, "w") as fh:
