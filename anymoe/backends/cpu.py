@@ -106,13 +106,9 @@ class CPUBackend(Backend):
         return {"peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)}
 
     def adamw_class(self, master_weights: bool = False) -> type[torch.optim.AdamW] | None:
-        # Master weights: TritonAdamW's device-independent path (torch's AdamW on the fp32 masters,
-        # then the copy); its kernel takes CUDA tensors only.
-        if master_weights:
-            from anymoe.backends.cuda_optim_kernels import TritonAdamW
+        from anymoe.backends.cuda_optim_kernels import torch_path_adamw
 
-            return TritonAdamW
-        return None
+        return torch_path_adamw(master_weights)
 
     def autocast_dtype(self) -> torch.dtype | None:
         return None  # measured: bf16 autocast is slower here (module docstring, cpu_accel.json)

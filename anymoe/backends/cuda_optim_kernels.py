@@ -357,10 +357,17 @@ class TritonAdamW(torch.optim.AdamW):
                     maximize=group["maximize"])
 
 
+def torch_path_adamw(master_weights: bool) -> type[torch.optim.AdamW] | None:
+    """``Backend.adamw_class`` of a backend with no AdamW kernel of its own: torch's AdamW (None),
+    and for master weights TritonAdamW, whose step runs torch's AdamW on the fp32 masters there
+    and then copies them into the parameters (its kernel takes CUDA tensors only)."""
+    return TritonAdamW if master_weights else None
+
+
 def _scale(grads: list[Tensor], coef: float) -> None:
     if coef != 1.0 and grads:
         torch._foreach_mul_(grads, coef)
 
 
 __all__ = ["BLOCK", "HAVE_TRITON", "KERNEL_DTYPES", "TritonAdamW", "bucket_key", "chunk_table",
-           "group_uses_kernel", "kernel_takes", "launch_adamw"]
+           "group_uses_kernel", "kernel_takes", "launch_adamw", "torch_path_adamw"]

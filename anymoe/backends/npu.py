@@ -211,13 +211,9 @@ class NPUBackend(Backend):
         use_deterministic_algorithms(on)
 
     def adamw_class(self, master_weights: bool = False) -> type[torch.optim.AdamW] | None:
-        # Master weights: TritonAdamW's device-independent path (torch's AdamW on the fp32 masters,
-        # then the copy); its kernel takes CUDA tensors only.
-        if master_weights:
-            from anymoe.backends.cuda_optim_kernels import TritonAdamW
+        from anymoe.backends.cuda_optim_kernels import torch_path_adamw
 
-            return TritonAdamW
-        return None
+        return torch_path_adamw(master_weights)
 
     def autocast_dtype(self) -> torch.dtype | None:
         return torch.bfloat16
