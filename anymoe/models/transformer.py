@@ -246,20 +246,24 @@ class MoETransformer(nn.Module):
         return KVCache(self.cfg.n_layers)
 
     def num_parameters(self, active: bool = False) -> int:
-        """Total parameters; with ``active=True`` those one token computes with.
+        """Parameters of the whole model (every expert, at its configured hidden size); with
+        ``active=True`` those one token computes with.
 
-        Active = total minus the routed experts a token does not use (E - K per MoE layer) and
-        minus the input embedding table when untied (a lookup, no FLOPs); the output head counts.
+        Routed experts count from the config, not from this process's tensors: under expert
+        parallelism a rank holds E / ep of them, and a sizing policy may store them padded (the pad
+        is zeros). Active = the dense parameters plus K experts per MoE layer, minus the input
+        embedding table when untied (a lookup, no FLOPs); the output head counts.
         """
-        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        params = {id(p): p for p in self.parameters()}
+        routed = {id(p) for layer in self.moe_layers() for p in layer.experts.parameters(recurse=False)}
+        dense = sum(p.numel() for i, p in params.items() if i not in routed)
+        m = self.cfg.moe
+        per_expert = 3 * self.cfg.d_model * m.expert_hidden if m is not None else 0
         if not active:
-            return total
+            return dense + self.num_moe_layers * (m.num_experts if m is not None else 0) * per_expert
         if not self.cfg.tie_embeddings:
-            total -= self.embed.weight.numel()
-        if self.cfg.moe is not None:
-            m = self.cfg.moe
-            total -= self.num_moe_layers * (m.num_experts - m.top_k) * 3 * self.cfg.d_model * m.expert_hidden
-        return total
+            dense -= self.embed.weight.numel()
+        return dense + self.num_moe_layers * (m.top_k if m is not None else 0) * per_expert
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,

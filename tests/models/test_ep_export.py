@@ -39,6 +39,9 @@ def _ep_worker(rank: int, world: int, out_dir: str) -> dict:
     torch.manual_seed(0)
     model = MoETransformer(_cfg(), parallel=groups)
     assert model.blocks[0].ffn.experts.num_local == E // 2
+    whole = MoETransformer(_cfg())  # every expert here: the same model size, total and active
+    for active in (False, True):
+        assert model.num_parameters(active) == whole.num_parameters(active) > 0
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
     for _ in range(3):

@@ -255,5 +255,15 @@ def test_presets_build_and_count():
         big = MoETransformer(preset("moe-1b"))
     assert round(big.num_parameters() / 1e9, 3) == 1.306
     assert round(big.num_parameters(active=True) / 1e6) == 216
+    # a padded sizing policy stores more numbers but the model has as many parameters
+    from anymoe.core.backend import get_backend
+    from anymoe.core.sizing import POW2
+
+    cfg = preset("tiny", moe={"expert_hidden": 48})
+    plain, padded = MoETransformer(cfg), MoETransformer(cfg, backend=get_backend("cpu", sizing=POW2))
+    assert padded.blocks[0].ffn.experts.padded_hidden == 64
+    assert sum(p.numel() for p in padded.parameters()) > sum(p.numel() for p in plain.parameters())
+    for active in (False, True):
+        assert padded.num_parameters(active) == plain.num_parameters(active)
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("nope")
