@@ -198,3 +198,19 @@ def test_bf16_master_refused_with_deepspeed(tmp_path, capsys):
     cfg = write_cfg(tmp_path, train={**FAST["train"], "precision": "bf16_master"}, engine="deepspeed")
     assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
     assert "train.precision" in capsys.readouterr().err
+
+
+def test_plots_of_a_one_step_run_warn_nothing(tmp_path):
+    """The expert-load heat map spans half a step each side of every step: a run of one step
+    draws without matplotlib's 'identical low and high xlims' warning."""
+    import warnings
+
+    from anymoe.trainers.plots import write_plots
+
+    cfg = write_cfg(tmp_path, checkpoint={"every": 0})
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--steps", "1"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_plots(run)
+    assert (run / "expert_load.png") in written

@@ -75,7 +75,7 @@ def write_plots(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
             width = max((len(s) for s in shares if s), default=0)
             grid = [[(s[e] if s else float("nan")) for s in shares] for e in range(width)]
             im = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest",
-                           extent=(steps[0], steps[-1], -0.5, width - 0.5), cmap="viridis")
+                           extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, width - 0.5), cmap="viridis")
             ax.set_ylabel(f"layer {i}\nexpert")
             fig.colorbar(im, ax=ax, label="token share")
         ax = axes[n_layers][0]
