@@ -28,7 +28,6 @@ class Availability:
     reason: str = ""
 
 
-
 def use_deterministic_algorithms(on: bool) -> None:
     """torch's deterministic algorithms, without its fill of every new tensor.
 
@@ -41,6 +40,7 @@ def use_deterministic_algorithms(on: bool) -> None:
     """
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
+
 
 class BackendUnavailable(RuntimeError):
     """A named backend cannot run here; the message is the whole story in one line."""

@@ -257,13 +257,13 @@ class MoETransformer(nn.Module):
         params = {id(p): p for p in self.parameters()}
         routed = {id(p) for layer in self.moe_layers() for p in layer.experts.parameters(recurse=False)}
         dense = sum(p.numel() for i, p in params.items() if i not in routed)
-        m = self.cfg.moe
-        per_expert = 3 * self.cfg.d_model * m.expert_hidden if m is not None else 0
-        if not active:
-            return dense + self.num_moe_layers * (m.num_experts if m is not None else 0) * per_expert
-        if not self.cfg.tie_embeddings:
+        if active and not self.cfg.tie_embeddings:
             dense -= self.embed.weight.numel()
-        return dense + self.num_moe_layers * (m.top_k if m is not None else 0) * per_expert
+        m = self.cfg.moe
+        if m is None:
+            return dense
+        experts = m.top_k if active else m.num_experts
+        return dense + self.num_moe_layers * experts * 3 * self.cfg.d_model * m.expert_hidden
 
     # -------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,

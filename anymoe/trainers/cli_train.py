@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown()
         return _fail(f"config error: {err}")
     from anymoe.trainers.loop import TrainingStopped
-    from anymoe.trainers.pretrain import PretrainTrainer, resolve_precision
+    from anymoe.trainers.pretrain import PretrainTrainer, precision_label
 
     trainer_cls = PretrainTrainer
     if cfg.engine == "deepspeed":
@@ -172,8 +172,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown(wait_for_peers=finished)
     if env.is_main:
         info = {"backend": backend.name, "world_size": env.world_size, "ep": groups.ep.size,
-                "precision": ("bf16_master" if cfg.train.precision == "bf16_master"
-                              else str(resolve_precision(cfg, backend) or "fp32").replace("torch.", "")),
+                "precision": precision_label(cfg, backend),
                 "parameters": trainer.model.num_parameters(),
                 "active_parameters": trainer.model.num_parameters(active=True),
                 "steps": trainer.step, "seconds": round(time.perf_counter() - t0, 2),

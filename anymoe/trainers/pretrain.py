@@ -119,6 +119,13 @@ def loop_settings(cfg: RunConfig, resume: bool) -> LoopSettings:
         progress=cfg.logging.progress)
 
 
+def precision_label(cfg: RunConfig, backend) -> str:
+    """What a run computes in, for its log line and run.json: bf16_master, bfloat16 (autocast) or fp32."""
+    if cfg.train.precision == "bf16_master":
+        return "bf16_master"
+    return str(resolve_precision(cfg, backend) or "fp32").replace("torch.", "")
+
+
 def resolve_precision(cfg: RunConfig, backend) -> torch.dtype | None:
     """The autocast dtype: None = fp32 (or no autocast: ``bf16_master`` runs the model in bf16).
     ``auto`` asks the backend."""
@@ -195,9 +202,7 @@ class PretrainTrainer(Trainer):
         self.flops_per_token = self._flops_per_token()
         if self.dist.is_main:
             params, active = self.model.num_parameters(), self.model.num_parameters(active=True)
-            dtype = str(self.amp_dtype or "fp32").replace("torch.", "")
-            if self.param_dtype is not None:
-                dtype = "bf16 weights, fp32 masters"
+            dtype = precision_label(cfg, backend)
             if self.compile_mode != "none":
                 dtype += f", compile {self.compile_mode}"
             ep = self.groups.ep.size if self.groups is not None else 1
@@ -450,4 +455,4 @@ class PretrainTrainer(Trainer):
         return distiller
 
 
-__all__ = ["IGNORE", "PretrainTrainer", "loop_settings", "resolve_precision"]
+__all__ = ["IGNORE", "PretrainTrainer", "loop_settings", "precision_label", "resolve_precision"]
