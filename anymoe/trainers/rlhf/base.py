@@ -17,10 +17,13 @@ import torch
 from torch import nn
 
 from anymoe.core.config import ConfigError, to_dict
+from anymoe.core.parallel import ParallelGroups
 from anymoe.trainers.checkpoint import CheckpointManager
+from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import Trainer
 from anymoe.trainers.pretrain import loop_settings
 from anymoe.trainers.rlhf.config import RLHFConfig, rl_model_config
+from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.routing import freeze_routers
 
 
@@ -56,17 +59,20 @@ class RLHFTrainer(Trainer):
 
     algo = ""
 
-    def __init__(self, cfg: RLHFConfig, run_dir: str | Path, backend: Any, resume: bool = False) -> None:
-        super().__init__(run_dir, loop_settings(cfg, resume))
+    def __init__(self, cfg: RLHFConfig, run_dir: str | Path, backend: Any, resume: bool = False,
+                 dist: DistEnv | None = None, groups: ParallelGroups | None = None) -> None:
+        super().__init__(run_dir, loop_settings(cfg, resume), dist)
         self.cfg = cfg
         self.backend = backend
         self.device_type = backend.device_type
+        self.dp = DataParallel(groups)
 
     def build_common(self) -> None:
         from anymoe.data import build_data, check_vocab
 
         cfg = self.cfg
         cfg.check_for(self.algo)
+        cfg.check_world(self.algo, self.dp.size)
         self.device = self.backend.device(self.dist.local_rank)
         self.backend.set_deterministic(cfg.train.deterministic)
         self.bundle = build_data(cfg.data)

@@ -1,7 +1,7 @@
 """`anymoe rlhf rm|dpo|ppo|grpo CONFIG.yaml`: post-train an MoE model.
 
     anymoe rlhf ALGO CONFIG [--out RUN_DIR] [--steps N] [--seed S] [--backend NAME]
-                            [--set key=value ...] [--resume]
+                            [--set key=value ...] [--resume] [--nproc N]
 
 RUN_DIR (default: the config's out_dir, else runs/<name>) receives what `anymoe train`
 writes (config.yaml, metrics.jsonl, checkpoints/, tensorboard/, loss.png, lr.png,
@@ -9,7 +9,8 @@ expert_load.png) plus reward.png, rl_stats.png, routing.png (ppo/grpo) or prefer
 (rm/dpo), and run.json with the final numbers.
 
 Exit codes: 0 done; 2 bad input, reported before any work; 3 the run stopped itself
-(non-finite steps); 130 interrupted. One process (RLHF does not shard over ranks yet).
+(non-finite steps); 130 interrupted. ``--nproc N`` (or torchrun) trains data parallel over N
+processes (anymoe.trainers.rlhf.data_parallel); rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set rlhf.policy.kl_coef=0.05 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="data parallel over N local processes (via torchrun)")
 
 
 def _fail(text: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -71,6 +74,18 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return items
 
 
+def _argv_for_workers(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    argv = ["rlhf", args.algorithm, args.config, "--out", str(run_dir)]
+    for flag, value in (("--steps", args.steps), ("--seed", args.seed), ("--backend", args.backend)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if args.resume:
+        argv.append("--resume")
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
     from anymoe.core.backend import BackendUnavailable, get_backend
     from anymoe.trainers.checkpoint import (
@@ -79,37 +94,63 @@ def run(args: argparse.Namespace) -> int:
         probe_writable,
         write_bytes_atomic,
     )
+    from anymoe.trainers.distributed import env_from_launcher, init_distributed, relaunch, shutdown
     from anymoe.trainers.loop import TrainingStopped
     from anymoe.trainers.rlhf.config import load_rlhf_config
 
+    env = env_from_launcher()
+    if args.nproc is not None and args.nproc < 1:
+        return _fail("--nproc must be >= 1")
+    world = args.nproc if env.world_size == 1 and args.nproc else env.world_size
     try:
         cfg = load_rlhf_config(args.config, args.algorithm, _overrides(args))
+        cfg.check_world(args.algorithm, world)
     except ConfigError as err:
         return _fail(f"config error: {err}")
     run_dir = Path(args.out or cfg.out_dir or Path("runs") / cfg.name)
-    if not args.resume and CheckpointManager(run_dir / "checkpoints").finished():
+    if env.is_main and not args.resume and CheckpointManager(run_dir / "checkpoints").finished():
         return _fail(f"{run_dir} already holds checkpoints; pass --resume to continue that run or --out to "
                      "start "
                      "another (nothing was overwritten)")
     try:
         backend = get_backend(cfg.backend)
-        probe_writable(run_dir)
+        if env.is_main:
+            probe_writable(run_dir)
     except BackendUnavailable as err:
         return _fail(f"backend: {err}")
     except CheckpointError as err:
         return _fail(str(err))
-    trainer = trainer_class(args.algorithm)(cfg, run_dir, backend, resume=args.resume)
-    write_bytes_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+    if world > 1 and env.world_size == 1:
+        return relaunch(world, _argv_for_workers(args, run_dir))
+    try:
+        env = init_distributed(backend)
+        from anymoe.core.parallel import build_parallel_groups
+
+        groups = build_parallel_groups(cfg.parallel, backend.device_type, cfg.model.moe.num_experts)
+    except ConfigError as err:
+        shutdown()
+        return _fail(f"config error: {err}")
+    trainer = trainer_class(args.algorithm)(cfg, run_dir, backend, resume=args.resume, dist=env,
+                                            groups=groups)
+    if env.is_main:
+        write_bytes_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     t0 = time.perf_counter()
+    finished = False
     try:
         summary = trainer.fit()
+        finished = True
     except (ConfigError, CheckpointError, TrainingStopped, KeyboardInterrupt) as err:
         return fit_exit_code(PROG, err)
+    finally:
+        shutdown(wait_for_peers=finished)
+    if not env.is_main:
+        return 0
     keys = ("loss", "reward_mean", "eval_reward", "eval_exact", "accuracy", "eval_accuracy", "margin",
             "eval_margin", "kl", "routing_agreement")
-    info = {"algorithm": args.algorithm, "backend": backend.name, "steps": trainer.step,
-            "seconds": round(time.perf_counter() - t0, 2), "python": platform.python_version(),
-            "torch": __import__("torch").__version__, **{k: summary[k] for k in keys if k in summary}}
+    info = {"algorithm": args.algorithm, "backend": backend.name, "world_size": env.world_size,
+            "steps": trainer.step, "seconds": round(time.perf_counter() - t0, 2),
+            "python": platform.python_version(), "torch": __import__("torch").__version__,
+            **{k: summary[k] for k in keys if k in summary}}
     write_bytes_atomic(run_dir / "run.json", json.dumps(info, indent=1).encode())
     shown = ", ".join(f"{k} {summary[k]:.4f}" for k in keys if isinstance(summary.get(k), float))
     print(f"done: {args.algorithm} {trainer.step} steps in {info['seconds']:.1f} s; {shown}; "

@@ -50,13 +50,25 @@ class RLHFConfig(RunConfig):
                                                            "(or run `anymoe rlhf ppo` for GAE)")
         if self.model.moe is None:
             raise ConfigError("model.moe", "anymoe RLHF trains MoE models; add a moe: section")
-        dp = self.parallel.dp
-        if self.parallel.ep > 1 or (isinstance(dp, int) and dp > 1):
-            raise ConfigError("parallel", "the RLHF trainers run in one process (no data or expert "
-                                          "parallelism yet); set parallel.ep: 1 and parallel.dp: auto")
+        if self.parallel.ep > 1:
+            raise ConfigError("parallel.ep", "the RLHF trainers are data parallel only (a rollout's decode "
+                                             "steps would have to run in lockstep over an EP group); set "
+                                             "parallel.ep: 1 and start N processes with --nproc N")
         if self.model.moe.router.kind == "expert_choice" and self.rlhf.moe.routing_replay:
             raise ConfigError("rlhf.moe.routing_replay", "expert-choice routing has no per-token choices to "
                                                          "replay; set routing_replay: false")
+
+
+    def check_world(self, algo: str, world: int) -> None:
+        """What ``world`` data-parallel ranks need of the config (checked before any work)."""
+        if algo in ("ppo", "grpo"):
+            n = self.rlhf.rollout.prompts_per_step
+            if n % world:
+                raise ConfigError("rlhf.rollout.prompts_per_step", f"({n}) must divide evenly over the "
+                                  f"{world} processes (each takes an equal share of a step's prompts); "
+                                  f"use a multiple of {world}")
+        else:
+            self.train.accumulation(world)  # names train.global_batch when it does not divide
 
 
 def rl_model_config(model: ModelConfig, algo_cfg: AlgoSection) -> ModelConfig:

@@ -11,6 +11,7 @@ Legend: B pairs, S tokens, V vocabulary. A step, per micro-batch of B pairs:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,8 @@ class DPOTrainer(RLHFTrainer):
         self.reference = Reference(self.model)
         self.model, self.optimizer = build_optimized(self.model, cfg.optim, self.backend)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
-        self.accum = cfg.train.accumulation(1)
-        self.stream = self.bundle.train_stream(cfg.train.micro_batch * self.accum)
+        self.accum = cfg.train.accumulation(self.dp.size)
+        self.stream = self.bundle.train_stream(cfg.train.micro_batch * self.accum * self.dp.size)
 
     def pair_terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-pair losses, implicit rewards and the extra loss terms of one micro-batch."""
@@ -77,12 +78,14 @@ class DPOTrainer(RLHFTrainer):
         lr = self.schedule.apply(self.optimizer, step)
         batch = self.stream.next_batch()
         mb = self.cfg.train.micro_batch
+        first = self.dp.rank * mb * self.accum  # this rank's slice of the global batch
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0,
-                                  "rejected_reward": 0.0, "router_kl": 0.0}
+        keys = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward", "router_kl")
+        sums = dict.fromkeys(keys, 0.0)
         n, tokens = 0, 0
         for i in range(self.accum):
-            part = {k: v[i * mb:(i + 1) * mb] for k, v in batch.items() if isinstance(v, Tensor)}
+            lo = first + i * mb
+            part = {k: v[lo:lo + mb] for k, v in batch.items() if isinstance(v, Tensor)}
             t = self.pair_terms(part)
             loss = t["losses"].mean() + t["extra"]
             (loss / self.accum).backward()
@@ -95,14 +98,16 @@ class DPOTrainer(RLHFTrainer):
             sums["router_kl"] += float(t.get("router_kl", torch.zeros(()))) * b
             n += b
             tokens += int(part["chosen_attention_mask"].sum() + part["rejected_attention_mask"].sum())
+        self.dp.average_gradients(list(self.model.parameters()), took_part=True)
+        *totals, n, tokens = self.dp.sum([*(sums[k] for k in keys), n, tokens])
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or 1e9))
-        avg = {k: v / max(n, 1) for k, v in sums.items()}
-        if not (torch.isfinite(torch.tensor(avg["loss"])) and torch.isfinite(torch.tensor(norm))):
+        avg = {k: v / max(n, 1) for k, v in zip(keys, totals)}
+        if not (math.isfinite(avg["loss"]) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepOutput(loss=float("nan"), skipped=True, reason="non-finite loss or gradient")
         self.optimizer.step()
         loss = avg.pop("loss")
-        return StepOutput(loss=loss, tokens=tokens, metrics={"lr": lr, "grad_norm": norm, **avg})
+        return StepOutput(loss=loss, tokens=int(tokens), metrics={"lr": lr, "grad_norm": norm, **avg})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -119,6 +124,8 @@ class DPOTrainer(RLHFTrainer):
         return {"eval_margin": margin / max(n, 1), "eval_accuracy": acc / max(n, 1)}
 
     def checkpoint_files(self) -> dict[str, Any]:
+        if not self.dist.is_main:  # the replicas are equal: rank 0 writes them
+            return {}
         return {"model.pt": self.model.state_dict(), "optim.pt": self.optimizer.state_dict(),
                 "reference.pt": self.reference.module.state_dict()}
 

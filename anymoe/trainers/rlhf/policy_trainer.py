@@ -14,7 +14,7 @@ A step is three named phases::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from anymoe.trainers.metrics import load_stats
 from anymoe.trainers.optim import LRSchedule, OptimConfig, build_optimized
+from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.experience import Experience
 from anymoe.trainers.rlhf.losses import (
     aggregate,
@@ -44,8 +45,9 @@ class PolicyTrainer:
     """Owns the optimisers; ``step(rows, prompts)`` runs one RL iteration and returns a metrics row."""
 
     def __init__(self, rollout: Rollout, optim: OptimConfig, backend: Any, total_steps: int,
-                 critic_optim: OptimConfig | None = None) -> None:
+                 critic_optim: OptimConfig | None = None, dp: DataParallel | None = None) -> None:
         self.rollout = rollout
+        self.dp = dp or DataParallel()
         self.cfg = rollout.cfg
         self.actor: Actor = rollout.actor
         self.critic: Critic | None = rollout.critic
@@ -70,28 +72,57 @@ class PolicyTrainer:
         sums: dict[str, list[float]] = defaultdict(list)
         first = True
         for epoch in range(pol.epochs):
-            for exp in experiences:
-                # Epoch 0 walks the same consecutive chunks old_logp was computed on (ratio == 1 exactly).
-                for mb in exp.micro_batches(pol.micro_batch, self.shuffle if epoch > 0 else None):
-                    stats = self.policy_step(mb)
-                    if first and "ratio_max_dev" in stats:
-                        sums["first_ratio_max_dev"].append(stats["ratio_max_dev"])
-                        first = False
-                    if self.critic is not None:
-                        stats.update(self.critic_step(mb))
-                    for k, v in stats.items():
-                        sums[k].append(v)
+            # Epoch 0 walks the same consecutive chunks old_logp was computed on (ratio == 1 exactly).
+            mbs = [mb for exp in experiences
+                   for mb in exp.micro_batches(pol.micro_batch, self.shuffle if epoch > 0 else None)]
+            for i in range(self.dp.max(len(mbs))):  # a rank out of micro-batches joins with none
+                mb = mbs[i] if i < len(mbs) else None
+                stats = self.policy_step(mb)
+                if first and "ratio_max_dev" in stats:
+                    sums["first_ratio_max_dev"].append(stats["ratio_max_dev"])
+                    first = False
+                if self.critic is not None:
+                    stats.update(self.critic_step(mb))
+                for k, v in stats.items():
+                    sums[k].append(v)
         out = {k: sum(v) / len(v) for k, v in sums.items()}
         out["nonfinite"] = float(sum(sums.get("nonfinite", [])))
         out["lr"] = lr
         return out
 
-    def policy_step(self, mb: Experience) -> dict[str, float]:
-        """One optimiser step of the policy on one micro-batch: the loss terms, named."""
+    def policy_step(self, mb: Experience | None) -> dict[str, float]:
+        """One optimiser step of the policy on one micro-batch (None: this rank has none left and
+        joins the data-parallel gradient average with zeros)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        stats: dict[str, float] = {}
+        loss = None
+        if mb is not None:
+            loss, stats, after = self._policy_loss(mb)
+            loss.backward()
+        params = list(self.actor.parameters())
+        self.dp.average_gradients(params, took_part=mb is not None)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+        if mb is not None:
+            stats["grad_norm"] = float(norm)
+        if self.dp.any(loss is not None and not bool(torch.isfinite(loss))) or not torch.isfinite(norm):
+            # A non-finite loss or gradient on any rank: no update (the loop counts the step as skipped).
+            self.optimizer.zero_grad(set_to_none=True)
+            if mb is not None:
+                stats["nonfinite"] = 1.0
+            return stats
+        self.optimizer.step()
+        if self.cfg.moe.update_bias:
+            for layer in _moe_layers(self.actor.module):
+                layer.update_bias(self.dp.group)  # loads summed over the ranks: every replica moves alike
+        if mb is not None:
+            stats.update(after())
+        return stats
+
+    def _policy_loss(self, mb: Experience) -> tuple[Tensor, dict[str, float], Callable[[], dict[str, float]]]:
+        """The policy loss of one micro-batch, its named terms, and the statistics to read after the step."""
         pol, moe = self.cfg.policy, self.cfg.moe
-        P = mb.prompt_len
         replay = mb.routing_NTK if moe.routing_replay else None
-        logp, entropy, out = self.actor.logprobs(mb.sequences_BL, P, replay, entropy=True)
+        logp, entropy, out = self.actor.logprobs(mb.sequences_BL, mb.prompt_len, replay, entropy=True)
         is_weight = None
         if moe.tis_cap > 0:
             is_weight = truncated_is_weight(mb.old_logp_BR, mb.rollout_logp_BR, moe.tis_cap)
@@ -114,41 +145,36 @@ class PolicyTrainer:
             loss = loss + moe.router_kl_coef * rkl
             stats["router_kl"] = rkl.item()
         loss = loss + out.aux_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(list(self.actor.parameters()), self.grad_clip or float("inf"))
-        stats["grad_norm"] = float(norm)
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
-            # A non-finite loss or gradient: no update (the loop counts the step as skipped).
-            self.optimizer.zero_grad(set_to_none=True)
-            stats["nonfinite"] = 1.0
-            return stats
-        self.optimizer.step()
-        if moe.update_bias:
-            for layer in _moe_layers(self.actor.module):
-                layer.update_bias()
-        with torch.no_grad():
-            ratio = torch.exp(logp - mb.old_logp_BR)
-            dev = ((ratio - 1).abs() * mb.mask_BR).max().item()
-        stats.update({"policy_loss": pg.item(), "entropy": ent.item(),
-                      "aux_loss": float(out.aux_loss.detach()), "ratio_max_dev": dev})
-        return stats
 
-    def critic_step(self, mb: Experience) -> dict[str, float]:
-        assert self.critic is not None and self.critic_optimizer is not None and mb.values_BR is not None
-        moe = self.cfg.moe
-        replay = mb.routing_NTK if moe.routing_replay else None
-        values = self.critic.values(mb.sequences_BL, mb.prompt_len, replay)
-        vloss, stats = value_loss(values, mb.values_BR, mb.returns_BR, mb.mask_BR,
-                                  clip_eps=self.cfg.critic.value_clip or None)
+        def after() -> dict[str, float]:
+            with torch.no_grad():
+                ratio = torch.exp(logp - mb.old_logp_BR)
+                dev = ((ratio - 1).abs() * mb.mask_BR).max().item()
+            return {"policy_loss": pg.item(), "entropy": ent.item(), "aux_loss": float(out.aux_loss.detach()),
+                    "ratio_max_dev": dev}
+
+        return loss, stats, after
+
+    def critic_step(self, mb: Experience | None) -> dict[str, float]:
+        assert self.critic is not None and self.critic_optimizer is not None
         self.critic_optimizer.zero_grad(set_to_none=True)
-        (self.cfg.critic.coef * vloss).backward()
-        norm = torch.nn.utils.clip_grad_norm_(list(self.critic.parameters()), self.grad_clip or float("inf"))
-        if torch.isfinite(vloss) and torch.isfinite(norm):
+        stats: dict[str, float] = {}
+        vloss = None
+        if mb is not None:
+            assert mb.values_BR is not None
+            replay = mb.routing_NTK if self.cfg.moe.routing_replay else None
+            values = self.critic.values(mb.sequences_BL, mb.prompt_len, replay)
+            vloss, stats = value_loss(values, mb.values_BR, mb.returns_BR, mb.mask_BR,
+                                      clip_eps=self.cfg.critic.value_clip or None)
+            (self.cfg.critic.coef * vloss).backward()
+            stats["value_loss"] = vloss.item()
+        params = list(self.critic.parameters())
+        self.dp.average_gradients(params, took_part=mb is not None)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+        if not self.dp.any(vloss is not None and not bool(torch.isfinite(vloss))) and torch.isfinite(norm):
             self.critic_optimizer.step()
-        else:
+        elif mb is not None:
             stats["nonfinite"] = 1.0
-        stats["value_loss"] = vloss.item()
         return stats
 
     @staticmethod
@@ -159,8 +185,8 @@ class PolicyTrainer:
     # ---- phase 3: measure ----
     def measure(self, experiences: list[Experience], rstats: RolloutStats,
                 upd: Mapping[str, float]) -> dict[str, Any]:
-        scores = torch.cat([e.scores_B.float().cpu() for e in experiences])
-        lengths = torch.cat([e.mask_BR.sum(1).float().cpu() for e in experiences])
+        scores = self.dp.gather(torch.cat([e.scores_B.float().cpu() for e in experiences]))
+        lengths = self.dp.gather(torch.cat([e.mask_BR.sum(1).float().cpu() for e in experiences]))
         row: dict[str, Any] = {
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
@@ -170,29 +196,38 @@ class PolicyTrainer:
         for e in experiences:
             for k, v in e.reward_parts.items():
                 parts[k].append(v.float().cpu())
-        for k, v in parts.items():
-            row[f"reward/{k}"] = torch.cat(v).mean().item()
+        for k, v in sorted(parts.items()):  # the same keys on every rank (the same reward terms)
+            row[f"reward/{k}"] = self.dp.gather(torch.cat(v)).mean().item()
         kls = [(masked_mean(kl_penalty(e.old_logp_BR, e.ref_logp_BR, "k1"), e.mask_BR).item(), e.batch_size)
                for e in experiences if e.ref_logp_BR is not None]
         if kls:
-            row["kl"] = sum(k * n for k, n in kls) / sum(n for _, n in kls)
-        row.update({k: v for k, v in upd.items() if k != "policy_loss"})
-        row["routing_agreement"] = rstats.agreement.get("exact", 1.0)
-        row["routing_overlap"] = rstats.agreement.get("overlap", 1.0)
-        row["rollout_train_logp_gap"] = rstats.rollout_train_logp_gap
+            kl_sum, kl_n = self.dp.sum([sum(k * n for k, n in kls), sum(n for _, n in kls)])
+            row["kl"] = kl_sum / kl_n
+        row.update(self._rank_mean({k: v for k, v in upd.items() if k != "policy_loss"}))
+        row.update(self._rank_mean({"routing_agreement": rstats.agreement.get("exact", 1.0),
+                                    "routing_overlap": rstats.agreement.get("overlap", 1.0),
+                                    "rollout_train_logp_gap": rstats.rollout_train_logp_gap}))
         row["layers"] = self._expert_load(experiences)
         return row
+
+    def _rank_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean over the ranks of per-rank statistics (counts such as ``nonfinite`` summed)."""
+        if self.dp.size == 1:
+            return values
+        keys = sorted(values)
+        sums = self.dp.sum([values[k] for k in keys])
+        return {k: v if k == "nonfinite" else v / self.dp.size for k, v in zip(keys, sums)}
 
     def _expert_load(self, experiences: list[Experience]) -> list[dict[str, Any]]:
         layers: list[dict[str, Any]] = []
         if not experiences or not experiences[0].routing_NTK:
             return layers
         E = 1 + max(int(t.max()) for e in experiences for t in e.routing_NTK)
-        E = max(E, self._num_experts())
+        E = self.dp.max(max(E, self._num_experts()))  # the same bins on every rank
         for n in range(len(experiences[0].routing_NTK)):
             counts = sum(torch.bincount(e.routing_NTK[n].reshape(-1).cpu(), minlength=E).float()
                          for e in experiences)
-            layers.append(load_stats(counts))
+            layers.append(load_stats(torch.tensor(self.dp.sum(counts.tolist()))))
         return layers
 
     def _num_experts(self) -> int:

@@ -59,11 +59,12 @@ class PPOTrainer(RLHFTrainer):
             reward_model = load_reward_model(self, r.reward_model)
         else:
             reward_fn = WeightedReward.from_config(r.rewards, "rlhf.rewards")
-        self.generator = torch.Generator().manual_seed(cfg.train.seed + 7)
+        # Sampling: a stream per rank (rank 0's is the one-process stream).
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + 7 + 7919 * self.dp.rank)
         self.rollout = Rollout(self.actor, self.tokenizer, r, reward_fn=reward_fn, reward_model=reward_model,
                                reference=self.reference, critic=self.critic, generator=self.generator,
                                device=self.device)
-        self.engine = PolicyTrainer(self.rollout, cfg.optim, self.backend, cfg.train.steps)
+        self.engine = PolicyTrainer(self.rollout, cfg.optim, self.backend, cfg.train.steps, dp=self.dp)
         self.stream = self.bundle.train_stream(r.rollout.prompts_per_step)
         params = sum(p.numel() for p in policy.parameters())
         self.message(f"{self.algo}: backend {self.backend.name}, policy {params / 1e6:.2f}M parameters, "
@@ -92,7 +93,7 @@ class PPOTrainer(RLHFTrainer):
             before = {f"{k}_before": v for k, v in self.evaluate().items()}
             if before:
                 self.message("before RL: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
-        items = self.stream.next_batch()["items"]
+        items = self.dp.shard(self.stream.next_batch()["items"])  # every rank draws the step's prompts
         self.engine.step_count = step  # the lr schedule follows the loop's step (resume-safe)
         row = self.engine.step([item_row(it) for it in items], [it.prompt for it in items])
         row.update(before)
@@ -102,7 +103,8 @@ class PPOTrainer(RLHFTrainer):
             bad = int(row["nonfinite"])
             return StepOutput(loss=float("nan"), skipped=True, metrics=row,
                               reason=f"{bad} micro-step(s) with a non-finite loss or gradient")
-        tokens = int(row.get("response_len", 0) * len(items) * self.cfg.rlhf.rollout.samples_per_prompt)
+        tokens = int(row.get("response_len", 0) * len(items) * self.dp.size
+                     * self.cfg.rlhf.rollout.samples_per_prompt)
         return StepOutput(loss=loss, tokens=tokens, metrics=row)
 
     @torch.no_grad()
@@ -130,11 +132,17 @@ class PPOTrainer(RLHFTrainer):
         self.actor.module.train()
         return {"eval_reward": torch.cat(scores).mean().item(), "eval_exact": sum(exact) / len(exact)}
 
+    def _rl_state_file(self, rank: int) -> str:
+        """The sampling and shuffling generators of a rank (rank 0 keeps the one-process name)."""
+        return "rl_state.pt" if rank == 0 else f"rl_state_rank{rank:05d}.pt"
+
     def checkpoint_files(self) -> dict[str, Any]:
+        rl_state = {self._rl_state_file(self.dp.rank): {"generator": self.generator.get_state(),
+                                                        "shuffle": self.engine.shuffle.get_state()}}
+        if not self.dist.is_main:  # the replicas are equal: rank 0 writes the models
+            return rl_state
         files = {"model.pt": self.actor.module.state_dict(), "optim.pt": self.engine.optimizer.state_dict(),
-                 "reference.pt": self.reference.module.state_dict(),
-                 "rl_state.pt": {"generator": self.generator.get_state(),
-                                 "shuffle": self.engine.shuffle.get_state()}}
+                 "reference.pt": self.reference.module.state_dict(), **rl_state}
         if self.critic is not None:
             files["critic.pt"] = self.critic.module.state_dict()
             files["critic_optim.pt"] = self.engine.critic_optimizer.state_dict()
@@ -145,7 +153,8 @@ class PPOTrainer(RLHFTrainer):
         self.actor.module.load_state_dict(load(path, "model.pt"))
         self.engine.optimizer.load_state_dict(load(path, "optim.pt"))
         self.reference.module.load_state_dict(load(path, "reference.pt"))
-        state = load(path, "rl_state.pt")
+        own = self._rl_state_file(self.dp.rank)
+        state = load(path, own if (path / own).is_file() else "rl_state.pt")  # else: a smaller world's
         self.generator.set_state(state["generator"])
         self.engine.shuffle.set_state(state["shuffle"])
         if self.critic is not None:

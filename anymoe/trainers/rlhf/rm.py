@@ -8,6 +8,7 @@ Legend: B pairs, S tokens. A step, per micro-batch of B pairs:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,8 @@ class RMTrainer(RLHFTrainer):
                                                      self.backend)
         self.rm = RewardModel(self.model, trainable=True)
         self.schedule = LRSchedule(cfg.optim, cfg.train.steps)
-        self.accum = cfg.train.accumulation(1)
-        self.stream = self.bundle.train_stream(cfg.train.micro_batch * self.accum)
+        self.accum = cfg.train.accumulation(self.dp.size)
+        self.stream = self.bundle.train_stream(cfg.train.micro_batch * self.accum * self.dp.size)
 
     def scores(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Any]:
         ids, _, last = pair_tensors(batch, self.device)
@@ -62,11 +63,13 @@ class RMTrainer(RLHFTrainer):
         lr = self.schedule.apply(self.optimizer, step)
         batch = self.stream.next_batch()
         mb = self.cfg.train.micro_batch
+        first = self.dp.rank * mb * self.accum  # this rank's slice of the global batch
         self.optimizer.zero_grad(set_to_none=True)
         total, correct, margin, n = 0.0, 0, 0.0, 0
         tokens = 0
         for i in range(self.accum):
-            part = {k: v[i * mb:(i + 1) * mb] for k, v in batch.items() if isinstance(v, Tensor)}
+            lo = first + i * mb
+            part = {k: v[lo:lo + mb] for k, v in batch.items() if isinstance(v, Tensor)}
             rc, rr, out = self.scores(part)
             loss = bradley_terry_loss(rc, rr) + out.aux_loss
             rc, rr = rc.detach(), rr.detach()
@@ -76,13 +79,16 @@ class RMTrainer(RLHFTrainer):
             margin += float((rc - rr).sum())
             n += rc.shape[0]
             tokens += int(part["chosen_attention_mask"].sum() + part["rejected_attention_mask"].sum())
+        self.dp.average_gradients(list(self.model.parameters()), took_part=True)
+        total, correct, margin, n, tokens = self.dp.sum([total, correct, margin, n, tokens])
+        total /= self.dp.size  # each rank's loss is already its mean over its micro-batches
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or 1e9))
-        if not torch.isfinite(torch.tensor(total)) or not torch.isfinite(torch.tensor(norm)):
+        if not (math.isfinite(total) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepOutput(loss=float("nan"), skipped=True, reason="non-finite loss or gradient")
         self.optimizer.step()
         metrics = {"lr": lr, "accuracy": correct / max(n, 1), "margin": margin / max(n, 1), "grad_norm": norm}
-        return StepOutput(loss=total, tokens=tokens, metrics=metrics)
+        return StepOutput(loss=total, tokens=int(tokens), metrics=metrics)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -99,6 +105,8 @@ class RMTrainer(RLHFTrainer):
         return {"eval_accuracy": correct / max(n, 1), "eval_loss": loss_sum / max(n, 1), "eval_pairs": n}
 
     def checkpoint_files(self) -> dict[str, Any]:
+        if not self.dist.is_main:  # the replicas are equal: rank 0 writes them
+            return {}
         return {"model.pt": self.model.state_dict(), "optim.pt": self.optimizer.state_dict()}
 
     def load_checkpoint(self, path: Path, restore_data: bool = True) -> None:

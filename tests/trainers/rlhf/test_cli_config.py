@@ -58,7 +58,7 @@ def test_resume_continues_the_same_curve(tmp_path):
     ({"rlhf": {"policy": {"clip_eps": 2.0}}}, "rlhf.policy.clip_eps"),
     ({"rlhf": {"dpo": {"loss_type": "kto"}}}, "rlhf.dpo.loss_type"),
     ({"rlhf": {"rewardz": []}}, "rlhf.rewardz"),
-    ({"parallel": {"ep": 2}}, "parallel"),
+    ({"parallel": {"ep": 2}}, "parallel.ep"),
 ])
 def test_config_errors_name_the_field(change, field):
     data = {"model": {"preset": "tiny", "vocab_size": 259},
