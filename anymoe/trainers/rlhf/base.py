@@ -4,7 +4,8 @@ build_common(): device, determinism, data (preference pairs or prompts), tokeniz
 the RL model config (balance aux off unless asked for); ``new_model()`` draws a model from
 the seed on the CPU then moves it; ``load_policy_weights()`` reads ``rlhf.init_from`` (a run
 directory or one checkpoint folder of `anymoe train` / `anymoe rlhf`). ``finish()`` writes
-the trainer's PNGs and the RL ones (rl_plots.py).
+the trainer's PNGs and the RL ones (rl_plots.py). ``self.dp`` is the data-parallel view of the
+ranks (data_parallel.py); ``fit()`` runs every forward under ``train.precision``'s autocast.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from anymoe.core.parallel import ParallelGroups
 from anymoe.trainers.checkpoint import CheckpointManager
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import Trainer
-from anymoe.trainers.pretrain import loop_settings
+from anymoe.trainers.pretrain import loop_settings, resolve_precision
 from anymoe.trainers.rlhf.config import RLHFConfig, rl_model_config
 from anymoe.trainers.rlhf.data_parallel import DataParallel
+from anymoe.trainers.rlhf.model_io import forward_precision
 from anymoe.trainers.rlhf.routing import freeze_routers
 
 
@@ -66,6 +68,11 @@ class RLHFTrainer(Trainer):
         self.backend = backend
         self.device_type = backend.device_type
         self.dp = DataParallel(groups)
+        self.amp_dtype = resolve_precision(cfg, backend)  # train.precision: auto (the backend's), bf16, fp32
+
+    def fit(self) -> dict[str, Any]:
+        with forward_precision(self.device_type, self.amp_dtype):  # every RL forward, not the backward
+            return super().fit()
 
     def build_common(self) -> None:
         from anymoe.data import build_data, check_vocab

@@ -50,6 +50,10 @@ class RLHFConfig(RunConfig):
                                                            "(or run `anymoe rlhf ppo` for GAE)")
         if self.model.moe is None:
             raise ConfigError("model.moe", "anymoe RLHF trains MoE models; add a moe: section")
+        if self.train.precision == "bf16_master":
+            raise ConfigError("train.precision", "bf16_master (bf16 weights) is anymoe train's; the RLHF "
+                                                 "trainers keep fp32 weights: use bf16 (autocast), auto "
+                                                 "or fp32")
         if self.parallel.ep > 1:
             raise ConfigError("parallel.ep", "the RLHF trainers are data parallel only (a rollout's decode "
                                              "steps would have to run in lockstep over an EP group); set "
