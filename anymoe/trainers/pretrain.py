@@ -20,8 +20,9 @@ Where the optimizer takes a device coefficient (anymoe.trainers.optim.takes_devi
 the clip coefficient of 6 are also computed on the device and the AdamW step is queued before
 that read: the device runs it right after the backward instead of idling while the host reads
 and decides, and skips it itself on a bad step (the host then takes back the step counts).
-The norm is taken after the gradient all-reduce, and the loss check sums over DP, so every rank
-decides the same.
+The norm is taken after the gradient all-reduce and the loss is summed over DP on the device
+(the host's sum, in its order), so every rank decides the same, and no host collective after the
+read waits for the queued step.
 ``train.compile`` compiles the decoder blocks first (anymoe.trainers.compile).
 
 Weights are drawn on the CPU from the seed before moving to the device, and the data order
@@ -278,14 +279,16 @@ class PretrainTrainer(Trainer):
         self._sync_grads()
         squares = self._grad_norm_squares()
         queued = takes_device_coef(self.optimizer)
-        if queued:  # the step before the read, deciding on the device (module docstring)
-            pending = stats.fetch_later(squares)
-            loss_sum = self._dp_sum(stats.ce_sum_on_device())  # not finite on every rank alike
-            self.optimizer.step(grad_coef=device_grad_coef(*squares, loss_sum, self.cfg.optim.grad_clip))
-            host = pending()  # the step's one host read
+        if queued:  # the AdamW step before the read, deciding on the device (module docstring)
+            ce_sum = self._dp_sum(stats.ce_sum_on_device())  # the else branch's sum, on the device
+            pending = stats.fetch_later((*squares, ce_sum))
+            self.optimizer.step(grad_coef=device_grad_coef(*squares, ce_sum, self.cfg.optim.grad_clip))
+            host = pending()  # the step's one host read; it does not wait for the step
+            ce_total = host.extra[2]
         else:
             host = stats.fetch(squares)  # the step's one host read
-        loss_value = self._dp_sum(host.ce_sum).item() / max(n_tokens, 1.0)
+            ce_total = self._dp_sum(host.ce_sum).item()
+        loss_value = ce_total / max(n_tokens, 1.0)
         grad_norm = math.sqrt(host.extra[0] + host.extra[1])
         bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if bad:

@@ -96,9 +96,12 @@ class MicroBatchStats:
         return finish
 
     def ce_sum_on_device(self) -> Tensor:
-        """This rank's CE summed over its micro-batches, a float64 device scalar (not finite exactly
-        when the host's ``HostRows.ce_sum`` is not, whatever the order of the sum)."""
-        return torch.stack([row[0] for row in self.rows]).sum()
+        """This rank's CE summed over its micro-batches on the device: ``HostRows.ce_sum``'s float64
+        additions in its order, so the same value, before any host read."""
+        total = self.rows[0].new_zeros(())
+        for row in self.rows:
+            total = total + row[0]
+        return total
 
     def _accumulate(self, stats: StepStats, row: Tensor) -> None:
         stats.ce_sum += row[0]

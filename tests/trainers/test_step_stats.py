@@ -68,7 +68,7 @@ def test_one_read_equals_reading_every_micro_batch(accum):
     finish = stats.fetch_later(extra_in)
     late = finish()
     assert late.extra == host.extra and torch.equal(late.rows, host.rows)
-    assert stats.ce_sum_on_device().item() == pytest.approx(ce_sum.item(), rel=1e-15)
+    assert stats.ce_sum_on_device().item() == ce_sum.item()  # the same additions in the same order
 
 
 def test_no_moe_layers_and_non_finite_values():
