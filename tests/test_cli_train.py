@@ -119,8 +119,9 @@ def test_pow2_checkpoint_resumes_under_default_sizing(tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
 
 
-def test_nonfinite_steps_skipped_then_stop_with_checkpoint(tmp_path, monkeypatch, capsys):
-    cfg = write_cfg(tmp_path, checkpoint={"every": 0}, train={"max_bad_steps": 3})
+@pytest.mark.parametrize("precision", ["fp32", "bf16_master"])  # bf16_master: the step queued on the device
+def test_nonfinite_steps_skipped_then_stop_with_checkpoint(tmp_path, monkeypatch, capsys, precision):
+    cfg = write_cfg(tmp_path, checkpoint={"every": 0}, train={"max_bad_steps": 3, "precision": precision})
     monkeypatch.setenv("ANYMOE_FAULT_NAN_STEPS", "2")  # one bad step: skipped, counted, run goes on
     run = tmp_path / "one"
     assert main(["train", str(cfg), "--out", str(run), "--steps", "4"]) == 0

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -50,6 +51,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BLOCK = 2048  # elements per program: the prototype's best on the H100 (4 warps)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_EXACT_SCALE = (torch.float32, torch.float64)  # gradients torch scales by a float exactly as by a tensor
 _ALIGN = 16  # bytes: the tl.multiple_of promise on every base pointer
 _PLAIN = (Tensor, torch.nn.Parameter)  # exact types: tensor subclasses (DTensor) go to torch
 
@@ -81,7 +83,12 @@ if HAVE_TRITON:
     def _adamw_kernel(P, G, M, V, Q, TENSOR, START, NUMEL, decay, step_size, one_minus_b1, beta2,
                       one_minus_b2, eps, bc2_sqrt, grad_coef,
                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                      Q_DTYPE: tl.constexpr, HAS_Q: tl.constexpr, BLOCK: tl.constexpr):
+                      Q_DTYPE: tl.constexpr, HAS_Q: tl.constexpr, COEF_ON_DEVICE: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        if COEF_ON_DEVICE:  # grad_coef points to a float64 scalar; non-finite: a bad step, write nothing
+            grad_coef = tl.load(grad_coef).to(tl.float32)  # rounded as a host float argument is
+            if not (tl.abs(grad_coef) < float("inf")):  # NaN or +-inf
+                return
         c = tl.program_id(0)
         t = tl.load(TENSOR + c)
         start = tl.multiple_of(tl.load(START + c), BLOCK)
@@ -127,10 +134,13 @@ def _device_tables(numels: tuple[int, ...], block: int, device: torch.device) ->
 
 def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float,
-                 grad_coef: float = 1.0, copies: list[Tensor] | None = None, block: int = BLOCK) -> None:
+                 grad_coef: float | Tensor = 1.0, copies: list[Tensor] | None = None,
+                 block: int = BLOCK) -> None:
     """One AdamW step (``step`` counted from 1, already incremented) over contiguous, 16-byte-aligned
     tensors of one device and one (param, grad, state) dtype triple, in one launch; each gradient
     is read as ``grad * grad_coef`` (in fp32: gradient clipping without a pass of its own).
+    ``grad_coef`` may be a float64 scalar tensor on the device, read by the kernel (no host read):
+    rounded to fp32 as a float argument is; a non-finite one skips the step (nothing is written).
     ``copies`` (master weights): one tensor per param, of one dtype, written with the updated
     param rounded to it in the same pass (the model's bf16 weights of fp32 masters)."""
     device = params[0].device
@@ -144,6 +154,10 @@ def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     host = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda")
     ptr_4T = host.to(device, non_blocking=True).view(len(lists), len(params))
     q_dtype = copies[0].dtype if copies is not None else params[0].dtype
+    coef_on_device = isinstance(grad_coef, Tensor)
+    if coef_on_device:
+        assert grad_coef.dtype == torch.float64 and grad_coef.numel() == 1, grad_coef
+        grad_coef = grad_coef.to(device)  # a no-op where it already is
     bc1 = 1.0 - beta1**step
     bc2_sqrt = math.sqrt(1.0 - beta2**step)
     # Triton launches on the current GPU: make it the tensors' one
@@ -154,7 +168,7 @@ def launch_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
             1.0 - lr * weight_decay, lr / bc1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bc2_sqrt, grad_coef,
             P_DTYPE=_TL_DTYPE[params[0].dtype], G_DTYPE=_TL_DTYPE[grads[0].dtype],
             S_DTYPE=_TL_DTYPE[exp_avgs[0].dtype], Q_DTYPE=_TL_DTYPE[q_dtype], HAS_Q=copies is not None,
-            BLOCK=block, num_warps=4)
+            COEF_ON_DEVICE=coef_on_device, BLOCK=block, num_warps=4)
 
 
 def group_uses_kernel(group: dict) -> bool:
@@ -206,6 +220,11 @@ class TritonAdamW(torch.optim.AdamW):
     ``state_dict()`` and comes back in fp32 from ``load_state_dict`` (torch would cast it, and
     the moments, to the parameter's dtype); a state without one (loaded from a run without master
     weights) starts its master from the parameter.
+
+    ``step(grad_coef=<float64 device scalar>)`` (the trainer's clipping coefficient, computed on the
+    device so the step is queued before the host has read anything): a non-finite value skips the
+    step on the device. Its host half (the step counts, on the CPU, that the next launch's bias
+    correction reads; state made for the step) stays until ``undo_step()`` takes it back.
     """
 
     kernel_device_type = "cuda"  # the Triton-interpreter tests set "cpu"
@@ -215,6 +234,7 @@ class TritonAdamW(torch.optim.AdamW):
     def __init__(self, params, *args, master_weights: bool = False, **kwargs) -> None:
         super().__init__(params, *args, **kwargs)
         self.master_weights = master_weights
+        self._host_half: _HostHalf | None = None  # of the last step with a device coef, for undo_step()
         if master_weights:
             plain = [g for g in self.param_groups if group_uses_kernel(g) and g["fused"] is None
                      and g["foreach"] is None]
@@ -246,6 +266,7 @@ class TritonAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._host_half = None  # nothing left to undo: the loaded state replaces it
         if not self.master_weights:
             return
         # torch cast every floating state tensor to its parameter's dtype; restore fp32 values.
@@ -256,19 +277,67 @@ class TritonAdamW(torch.optim.AdamW):
                 if key in saved and torch.is_tensor(saved[key]):
                     self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
 
+    def takes_device_coef(self) -> bool:
+        """Whether ``step(grad_coef=<device tensor>)`` queues the whole step without reading the
+        tensor: every group goes to the kernel, and what the kernel does not take to torch's fused
+        kernel (which skips on ``found_inf``) on a device torch has one for, with fp32/fp64
+        gradients (masters step on fp32 ones). Decided per step, a tensor can still end up where
+        the coef must be read to the host (``_torch_coef``: a misaligned bf16 parameter, a
+        non-contiguous gradient): the step then syncs there, with the same numbers."""
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused_devices = _get_fused_kernels_supported_devices()
+        for group in self.param_groups:
+            kernel = self.master_weights or group_uses_kernel(group)
+            # the kernel's groups send what it does not take to torch fused unless the group says no
+            if kernel:
+                torch_fused = group["fused"] is not False and group["foreach"] is None
+            else:
+                torch_fused = bool(group["fused"])
+            if not torch_fused:
+                return False
+            for p in group["params"]:
+                on_kernel = kernel and HAVE_TRITON and p.device.type == self.kernel_device_type
+                if not on_kernel and (p.device.type not in fused_devices
+                                      or not (self.master_weights or p.dtype in _EXACT_SCALE)):
+                    return False
+        return True
+
+    def undo_step(self) -> None:
+        """Take back the host half of the last ``step(grad_coef=<device tensor>)``, once the caller
+        knows the coef was not finite and the device skipped the step: the step counts (the next
+        step's bias correction reads them) and any state made for it, so ``state_dict()`` is bitwise
+        what it was before that step (counts are whole numbers: n + 1 - 1 == n in float32 below 2**24)."""
+        host_half, self._host_half = self._host_half, None
+        if host_half is None:
+            raise RuntimeError("undo_step() follows a step(grad_coef=<device tensor>), once")
+        if host_half.counts:
+            torch._foreach_sub_(host_half.counts, 1.0)
+        for p, saved in host_half.states:
+            if saved is None:
+                self.state.pop(p, None)
+            else:
+                self.state[p] = saved
+
     @_use_grad_for_differentiable
-    def step(self, closure=None, *, grad_coef: float = 1.0):
+    def step(self, closure=None, *, grad_coef: float | Tensor = 1.0):
         """One AdamW step; ``closure`` re-evaluates the model and returns the loss (as torch).
 
         ``grad_coef``: every gradient is used as ``grad * grad_coef`` (gradient clipping). The
         kernel multiplies as it reads; tensors it does not take are scaled in place first, so
         their ``.grad`` holds the scaled gradient afterwards, as after torch's clipping.
+        A float64 scalar tensor on the device is read there (class docstring; ``takes_device_coef``).
         """
         _capture_health_check(self)  # torch's refusal of a CUDA-graph capture without capturable=True
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._host_half = None
+        if isinstance(grad_coef, Tensor):  # before any state is made or changed
+            self._host_half = _HostHalf([(p, dict(self.state[p]) if p in self.state else None)
+                                         for group in self.param_groups for p in group["params"]
+                                         if p.grad is not None])
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
             if self.master_weights:
@@ -285,12 +354,22 @@ class TritonAdamW(torch.optim.AdamW):
             elif group_uses_kernel(group) and not torch.compiler.is_compiling():
                 self._kernel_step(group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef)
             else:  # exactly what torch.optim.AdamW.step does for this group
-                _scale(grads, grad_coef)
+                coef, found_inf = _torch_coef(grad_coef, grads, fused=bool(group["fused"]))
+                if coef is None:  # read on the host: not finite, a step to skip
+                    continue
+                _scale(grads, coef)
                 self._torch_step(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                                 has_complex, foreach=group["foreach"], fused=group["fused"])
+                                 has_complex, foreach=group["foreach"], fused=group["fused"],
+                                 found_inf=found_inf)
         return loss
 
-    def _kernel_step(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef: float,
+    def _count(self, steps: list[Tensor]) -> None:
+        """Add this step to host step counts (as torch: count the step, then use it)."""
+        torch._foreach_add_(steps, 1.0)
+        if self._host_half is not None:
+            self._host_half.counts += steps
+
+    def _kernel_step(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, grad_coef: float | Tensor,
                      copies: list[Tensor] | None = None) -> None:
         """``copies`` (master weights): params are the fp32 masters, copies the model's parameters."""
         mine, rest = [], []
@@ -307,16 +386,19 @@ class TritonAdamW(torch.optim.AdamW):
             sub = [[lst[i] for i in rest] for lst in lists]
             if copies is not None:  # torch's AdamW wants the gradient in the master's dtype
                 sub[1] = [g.to(p.dtype) for g, p in zip(sub[1], sub[0])]
-            _scale(sub[1], grad_coef)
-            self._torch_rest(group, *sub)
-            if copies is not None:
-                torch._foreach_copy_([copies[i] for i in rest], sub[0])
+            fused = _torch_fused(group, *sub[:4])
+            coef, found_inf = _torch_coef(grad_coef, sub[1], fused)
+            if coef is not None:  # None: read on the host, not finite, a step to skip
+                _scale(sub[1], coef)
+                self._torch_rest(group, *sub, fused=fused, found_inf=found_inf)
+                if copies is not None:
+                    _copy_masters([copies[i] for i in rest], sub[0], found_inf)
         if not mine:
             return
         for i in mine:
             if not steps[i].is_cpu:  # loaded from a fused or capturable torch AdamW: read back once
                 steps[i] = self.state[params[i]]["step"] = steps[i].detach().to("cpu")
-        torch._foreach_add_([steps[i] for i in mine], 1.0)  # as torch: count the step, then use it
+        self._count([steps[i] for i in mine])
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i in mine:
             copy_dtype = () if copies is None else (copies[i].dtype,)
@@ -329,29 +411,31 @@ class TritonAdamW(torch.optim.AdamW):
                          grad_coef=grad_coef, copies=None if copies is None else [copies[i] for i in idx],
                          block=self.block)
 
-    def _torch_rest(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
-        """Tensors the kernel cannot address: torch's fused kernel where it takes them all (on copies
-        of the steps: it wants them on the device, and ours stay on the CPU) unless the group says
-        ``fused=False`` or names ``foreach``; else torch's default implementation."""
+    def _torch_rest(self, group, params, grads, exp_avgs, exp_avg_sqs, steps, *, fused: bool,
+                    found_inf: Tensor | None) -> None:
+        """Tensors the kernel cannot address: torch's fused kernel where ``_torch_fused`` says (on
+        copies of the steps: it wants them on the device, and ours stay on the CPU), else torch's
+        default implementation."""
         has_complex = any(torch.is_complex(p) for p in params)
-        fused = (group["fused"] is not False and group["foreach"] is None
-                 and all(_torch_fused_takes(*four) for four in zip(params, grads, exp_avgs, exp_avg_sqs)))
         if not fused:
             self._torch_step(group, params, grads, exp_avgs, exp_avg_sqs, [], steps, has_complex,
                              foreach=group["foreach"], fused=False)
             return
         device_steps = [s.to(p.device, torch.float32, copy=True) for s, p in zip(steps, params)]
         self._torch_step(group, params, grads, exp_avgs, exp_avg_sqs, [], device_steps, has_complex,
-                         foreach=False, fused=True)
-        torch._foreach_add_(steps, 1.0)
+                         foreach=False, fused=True, found_inf=found_inf)
+        self._count(steps)
 
     def _torch_step(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, has_complex,
-                    *, foreach, fused) -> None:
-        """torch.optim.AdamW's own update of these tensors (what its step does for a group)."""
+                    *, foreach, fused, found_inf: Tensor | None = None) -> None:
+        """torch.optim.AdamW's own update of these tensors (what its step does for a group);
+        ``found_inf`` (1.0: skip; torch's fused kernel only) that of a device coef, else a GradScaler's."""
         beta1, beta2 = group["betas"]
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         torch_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, foreach=foreach,
                     capturable=group["capturable"], differentiable=group["differentiable"], fused=fused,
-                    grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+                    grad_scale=getattr(self, "grad_scale", None), found_inf=found_inf,
                     has_complex=has_complex, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
                     lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                     maximize=group["maximize"])
@@ -364,9 +448,60 @@ def torch_path_adamw(master_weights: bool) -> type[torch.optim.AdamW] | None:
     return TritonAdamW if master_weights else None
 
 
-def _scale(grads: list[Tensor], coef: float) -> None:
-    if coef != 1.0 and grads:
+@dataclass
+class _HostHalf:
+    """What a step with a device coef changed on the host, for ``undo_step``: each stepped parameter's
+    state before it (a shallow copy; None: it had none) and the step counts it added 1 to."""
+
+    states: list[tuple[Tensor, dict | None]]
+    counts: list[Tensor] = field(default_factory=list)
+
+
+def _torch_fused(group: dict, params, grads, exp_avgs, exp_avg_sqs) -> bool:
+    """Whether torch's fused kernel takes these tensors the kernel does not: where it takes them
+    all, unless the group says ``fused=False`` or names ``foreach``."""
+    return (group["fused"] is not False and group["foreach"] is None
+            and all(_torch_fused_takes(*four) for four in zip(params, grads, exp_avgs, exp_avg_sqs)))
+
+
+def _torch_coef(coef: float | Tensor, grads: list[Tensor], fused: bool) -> tuple[float | Tensor | None,
+                                                                                   Tensor | None]:
+    """(coef, found_inf) for torch's AdamW over these gradients. A device coef stays on the device
+    where torch's fused kernel runs on fp32/fp64 gradients: they are scaled by it (by 1 if it is not
+    finite, so a skipped step leaves them too), and found_inf (1.0 where it is not finite) makes the
+    kernel skip. Elsewhere it is read to the host (a sync) and used as a float, as the synchronous
+    caller would: torch's other AdamW code takes no found_inf, and scales bf16/fp16 gradients by a
+    float differently on each device (on the CPU, by the float rounded to bf16).
+    (None, None): read and not finite, so these tensors skip the step."""
+    if not isinstance(coef, Tensor):
+        return coef, None
+    if fused and all(g.dtype in _EXACT_SCALE for g in grads):
+        finite = torch.isfinite(coef)
+        return torch.where(finite, coef, 1.0), (~finite).to(torch.float32)  # 0-dim, like device steps
+    value = coef.item()
+    return (value, None) if math.isfinite(value) else (None, None)
+
+
+def _scale(grads: list[Tensor], coef: float | Tensor) -> None:
+    """grads *= coef. A float64 tensor coef is rounded to each (fp32/fp64) gradient's dtype first:
+    what torch does with a float, so both give the same bits."""
+    if isinstance(coef, Tensor):
+        for device, dtype in {(g.device, g.dtype) for g in grads}:
+            torch._foreach_mul_([g for g in grads if g.device == device and g.dtype == dtype],
+                                coef.to(device, dtype))
+    elif coef != 1.0 and grads:
         torch._foreach_mul_(grads, coef)
+
+
+def _copy_masters(copies: list[Tensor], masters: list[Tensor], found_inf: Tensor | None) -> None:
+    """The parameters as their masters rounded to their dtype; where ``found_inf`` is 1 (a skipped
+    step) as they are (q -> fp32 -> q is exact)."""
+    if found_inf is None:
+        torch._foreach_copy_(copies, masters)
+        return
+    skip = found_inf.to(torch.bool)
+    for q, master in zip(copies, masters):
+        q.copy_(torch.where(skip, q, master))
 
 
 __all__ = ["BLOCK", "HAVE_TRITON", "KERNEL_DTYPES", "TritonAdamW", "bucket_key", "chunk_table",

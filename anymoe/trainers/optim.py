@@ -15,6 +15,12 @@ runs a Triton kernel), else torch's fused kernel where the backend's device type
 (asked of the backend first, then of torch's own list), else torch's foreach implementation;
 "on" is torch's fused kernel, "off" torch's foreach one.
 Norm weights, biases and 1-d parameters get no weight decay (the GPT-2/Llama convention).
+
+Clipping: ``clipped_step`` takes the coefficient as a host float, after the step's host read.
+An optimizer that says ``takes_device_coef()`` (TritonAdamW where every tensor goes to its
+kernel or to torch's fused one) also takes it as a device tensor from ``device_grad_coef``,
+NaN for a step to skip, so a trainer queues the step before its host read and, on a bad step,
+calls ``undo_step()`` to take back the step's host half (the step counts).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from anymoe.core.config import ConfigError, param
 
@@ -152,6 +158,29 @@ def clipped_step(optimizer: torch.optim.Optimizer, params, coef: float) -> None:
     optimizer.step()
 
 
+def takes_device_coef(optimizer) -> bool:
+    """Whether ``optimizer.step(grad_coef=device_grad_coef(...))`` queues the step without a host read
+    and skips it on a NaN coef, with ``undo_step()`` for its host half (module docstring)."""
+    check = getattr(optimizer, "takes_device_coef", None)
+    return bool(check()) if callable(check) else False
+
+
+def device_grad_coef(dense_sq: Tensor, expert_sq: Tensor, loss: Tensor, clip: float) -> Tensor:
+    """``clipped_step``'s coefficient on the device: clip / (norm + 1e-6) where clip > 0 and the
+    norm sqrt(dense_sq + expert_sq) exceeds it, else 1; NaN where the norm or ``loss`` is not finite
+    (the step to skip). A float64 scalar from the float64 squares the host reads, by the host's
+    operations in its order: ``clip / (math.sqrt(a + b) + 1e-6)`` bit for bit where the device's
+    float64 sqrt is correctly rounded, as math.sqrt is (CUDA's is). torch's CPU sqrt (MKL's vector
+    math) can be 1 ulp off in float64; the fp32 value the optimizer multiplies by then differs only
+    where that crosses an fp32 rounding boundary, about once in 10**8 clipped steps."""
+    norm = (dense_sq + expert_sq).sqrt()
+    coef = torch.ones_like(norm)
+    if clip > 0:
+        clip_t = torch.full_like(norm, clip)  # not clip / t: torch computes that as t.reciprocal() * clip
+        coef = torch.where(norm > clip, clip_t / (norm + 1e-6), coef)
+    return torch.where(torch.isfinite(norm) & torch.isfinite(loss), coef, torch.nan)
+
+
 def build_optimized(model: nn.Module, cfg: OptimConfig, backend,
                     master_weights: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
     """``build_optimizer``, then the backend's vendor optimiser (``Backend.optimize``; a no-op where
@@ -162,4 +191,4 @@ def build_optimized(model: nn.Module, cfg: OptimConfig, backend,
 
 
 __all__ = ["LRSchedule", "OptimConfig", "build_optimized", "build_optimizer", "clipped_step",
-           "fused_supported"]
+           "device_grad_coef", "fused_supported", "takes_device_coef"]

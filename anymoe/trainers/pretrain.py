@@ -16,6 +16,13 @@ One step (``train_step``), with G micro-batches per rank and D data-parallel ran
 Nothing is read to the host between micro-batches: the loss, aux and routing statistics stay on
 the device (anymoe.trainers.step_stats) and come back with the squared gradient norms in one
 transfer after the backward passes, so the device never waits on the host mid-step.
+Where the optimizer takes a device coefficient (anymoe.trainers.optim.takes_device_coef), 5 and
+the clip coefficient of 6 are also computed on the device and the AdamW step is queued before
+that read: the device runs it right after the backward instead of idling while the host reads
+and decides, and skips it itself on a bad step (the host then takes back the step counts).
+The norm is taken after the gradient all-reduce and the loss is summed over DP on the device
+(the host's sum, in its order), so every rank decides the same, and no host collective after the
+read waits for the queued step.
 ``train.compile`` compiles the decoder blocks first (anymoe.trainers.compile).
 
 Weights are drawn on the CPU from the seed before moving to the device, and the data order
@@ -48,7 +55,13 @@ from anymoe.trainers.config import RunConfig
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import LoopSettings, StepOutput, Trainer
 from anymoe.trainers.metrics import load_stats
-from anymoe.trainers.optim import LRSchedule, build_optimized, clipped_step
+from anymoe.trainers.optim import (
+    LRSchedule,
+    build_optimized,
+    clipped_step,
+    device_grad_coef,
+    takes_device_coef,
+)
 from anymoe.trainers.step_stats import MicroBatchStats
 
 IGNORE = -100
@@ -264,19 +277,32 @@ class PretrainTrainer(Trainer):
             if i == 0 and len(batches) > 1:
                 own_block_grads(self.model, self.compile_mode)  # out of the graph pool before a replay
         self._sync_grads()
-        host = stats.fetch(self._grad_norm_squares())  # the step's one host read
-        loss_value = self._dp_sum(host.ce_sum).item() / max(n_tokens, 1.0)
+        squares = self._grad_norm_squares()
+        queued = takes_device_coef(self.optimizer)
+        if queued:  # the AdamW step before the read, deciding on the device (module docstring)
+            ce_sum = self._dp_sum(stats.ce_sum_on_device())  # the else branch's sum, on the device
+            pending = stats.fetch_later((*squares, ce_sum))
+            self.optimizer.step(grad_coef=device_grad_coef(*squares, ce_sum, self.cfg.optim.grad_clip))
+            host = pending()  # the step's one host read; it does not wait for the step
+            ce_total = host.extra[2]
+        else:
+            host = stats.fetch(squares)  # the step's one host read
+            ce_total = self._dp_sum(host.ce_sum).item()
+        loss_value = ce_total / max(n_tokens, 1.0)
         grad_norm = math.sqrt(host.extra[0] + host.extra[1])
         bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if bad:
+            if queued:  # the device skipped it (a NaN coef); the host's step counts go back
+                self.optimizer.undo_step()
             self.optimizer.zero_grad(set_to_none=True)
             self._drop_bias_loads()
             why = "loss" if not math.isfinite(loss_value) else "gradient norm"
             return StepOutput(loss=loss_value, tokens=int(n_tokens), skipped=True,
                               reason=f"non-finite {why}", metrics={"lr": lr, "grad_norm": grad_norm})
-        clip = self.cfg.optim.grad_clip
-        coef = clip / (grad_norm + 1e-6) if clip > 0 and grad_norm > clip else 1.0
-        clipped_step(self.optimizer, self.model.parameters(), coef)
+        if not queued:
+            clip = self.cfg.optim.grad_clip
+            coef = clip / (grad_norm + 1e-6) if clip > 0 and grad_norm > clip else 1.0
+            clipped_step(self.optimizer, self.model.parameters(), coef)
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_router_biases()
         read = host.summarize()  # the per-layer host sums, while the device runs the optimizer

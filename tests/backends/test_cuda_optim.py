@@ -225,6 +225,62 @@ def test_a_step_does_not_wait_for_the_gpu():
     assert all(float(opt.state[p]["step"]) == 2 for ps in params for p in ps)
 
 
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_device_coef_is_the_float_coef_skips_when_not_finite_and_does_not_sync(master_weights, misaligned):
+    """step(grad_coef=<float64 CUDA scalar>) (the trainer's queued step): the float coef's step bit
+    for bit, in the kernel and for a misaligned tensor in torch's fused kernel (found_inf); a NaN or
+    inf coef writes nothing, and undo_step() puts the state_dict back. All in the kernel, the step is
+    issued without a host sync (torch's fused path copies its step counts up from pageable memory,
+    a sync, with a float coef too)."""
+    import copy
+
+    g = torch.Generator().manual_seed(5)
+    dt = torch.bfloat16
+    first = torch.randn(4096, generator=g).to(dt)
+    others = [torch.randn(n, generator=g).to(dt) for n in (2049, 7, 1_000_003)]
+
+    def make():
+        view = torch.empty(4097, dtype=dt, device=DEV)[1:]
+        view.copy_(first)
+        params = [torch.nn.Parameter(view)] + [torch.nn.Parameter(t.to(DEV)) for t in others]
+        params = params if misaligned else params[1:]
+        return params, ok.TritonAdamW(params, lr=0.05, weight_decay=0.5, master_weights=master_weights)
+
+    def everything(params, opt):
+        return [t.detach().clone() for p in params for t in (p, p.grad)], copy.deepcopy(opt.state_dict())
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+    (ps, float_opt), (qs, dev_opt) = make(), make()
+    assert dev_opt.takes_device_coef()
+    for s, coef in enumerate((0.37, 1.0, 0.123456789, 0.37)):
+        grads = [torch.randn(p.shape, generator=g).to(dt).to(DEV) for p in ps]
+        for p, q, gr in zip(ps, qs, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        float_opt.step(grad_coef=coef)
+        dev_coef = torch.tensor(coef, dtype=torch.float64, device=DEV)
+        if s and not misaligned:  # after the first step (compile, tables): no host sync
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            dev_opt.step(grad_coef=dev_coef)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert same(everything(qs, dev_opt), everything(ps, float_opt)), coef
+    for bad in (float("nan"), float("inf")):
+        before = everything(qs, dev_opt)
+        dev_opt.step(grad_coef=torch.tensor(bad, dtype=torch.float64, device=DEV))
+        assert same(everything(qs, dev_opt)[0], before[0]), bad
+        dev_opt.undo_step()
+        assert same(everything(qs, dev_opt), before), bad
+
+
 def test_build_optimizer_takes_it_on_cuda():
     from anymoe.core.backend import get_backend
     from anymoe.trainers.optim import OptimConfig, build_optimizer

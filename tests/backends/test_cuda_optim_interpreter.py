@@ -9,6 +9,9 @@ launches are counted, so a silent fall back to torch would fail. One difference 
 interpreter rounds fp32 -> bf16 by truncation (Triton 3.6's fp_trunc ignores the rounding mode),
 so bf16 is compared with a float64 reference that truncates the same way (<= 2 bf16 ulps), and
 not with torch, which rounds to nearest; the GPU test compares bf16 with both.
+
+A device coefficient (``step(grad_coef=<float64 tensor>)``) is checked against the float one bit
+for bit, and a NaN or inf one against "nothing written", then ``undo_step`` against the state_dict.
 """
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from test_cuda_kernels_interpreter import _interpret
 
 CODE = """
+import copy
 import sys
 import torch
 sys.path.insert(0, "tests/backends")
@@ -53,7 +57,7 @@ start[0] += [param(33, torch.float32), param(4097, torch.float32)]
 NO_GRAD, MISALIGNED = len(start[0]) - 2, len(start[0]) - 1  # in group 0: no gradient; torch's path
 grads = [[[torch.randn(p.shape, generator=g).to(p.dtype) for _ in range(STEPS)] for p in ps] for ps in start]
 
-def run(opt_class, first=0, last=STEPS, resume=None, coef=1.0, **kw):
+def run(opt_class, first=0, last=STEPS, resume=None, coef=None, **kw):
     params = [[torch.nn.Parameter(p.clone()) for p in ps] for ps in start]
     params[0][MISALIGNED] = torch.nn.Parameter(misaligned_copy(start[0][MISALIGNED]))
     opt = opt_class([{"params": ps, **h} for ps, h in zip(params, HYPER)], **kw)
@@ -67,8 +71,36 @@ def run(opt_class, first=0, last=STEPS, resume=None, coef=1.0, **kw):
         for gi, (ps, gs) in enumerate(zip(params, grads)):
             for i, (p, gl) in enumerate(zip(ps, gs)):
                 p.grad = None if (gi, i) == (0, NO_GRAD) else gl[s].clone()
-        opt.step(**({"grad_coef": coef} if coef != 1.0 else {}))
+        opt.step(**({"grad_coef": coef} if coef is not None else {}))
     return params, opt
+
+def snapshot(params, opt):  # every tensor a step could write, cloned: params, grads, the state_dict
+    flat = [p for ps in params for p in ps] if isinstance(params[0], list) else list(params)
+    tensors = [t.detach().clone() for p in flat for t in (p, p.grad) if t is not None]
+    return tensors, copy.deepcopy(opt.state_dict())
+
+def same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+def skipped_steps_write_nothing(params, opt, grads_now):
+    # a NaN or inf device coef: the kernel is launched and writes nothing; the host half (the step
+    # counts) goes back with undo_step(), and state_dict() is bitwise as before
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grads_now()
+        before = snapshot(params, opt)
+        n = len(launched)
+        opt.step(grad_coef=torch.tensor(bad, dtype=torch.float64))
+        assert len(launched) > n  # the kernel ran and skipped: not a fall back to the host
+        if not same(snapshot(params, opt)[0], before[0]):
+            raise AssertionError(f"a step with coef {bad} wrote a tensor")
+        opt.undo_step()
+        assert same(snapshot(params, opt), before), bad
 
 params, opt = run(InterpretedAdamW)
 assert len(launched) == STEPS * len(HYPER) * len(DTYPES), launched  # one launch per dtype per group
@@ -111,6 +143,21 @@ for gi, h in enumerate(HYPER):
         in_kernel = ok.kernel_takes(p, p.grad, st["exp_avg"], st["exp_avg_sq"], "cpu")
         assert torch.equal(p.grad, gl[-1] if in_kernel else gl[-1] * COEF), (gi, i, in_kernel)
 
+# a device coef (float64 scalar tensor): the same bits as the float coef, kernel and torch paths
+dev_scaled, dev_opt = run(InterpretedAdamW, coef=torch.tensor(COEF, dtype=torch.float64))
+assert dev_opt.takes_device_coef()
+for ps, qs in zip(dev_scaled, scaled):
+    for p, q in zip(ps, qs):
+        assert same(p, q) and same(p.grad, q.grad) and same(dev_opt.state.get(p), scaled_opt.state.get(q))
+assert same(dev_opt.state_dict(), scaled_opt.state_dict())
+
+def next_grads():
+    for gi, (ps, gs) in enumerate(zip(dev_scaled, grads)):
+        for i, (p, gl) in enumerate(zip(ps, gs)):
+            p.grad = None if (gi, i) == (0, NO_GRAD) else gl[0].clone()
+
+skipped_steps_write_nothing(dev_scaled, dev_opt, next_grads)
+
 # master weights: bf16 parameters, fp32 masters and moments stepped by the kernel, which also
 # writes each parameter as its master rounded to bf16 (truncated, in the interpreter)
 launched.clear()
@@ -130,6 +177,22 @@ for p, p0, gl in zip(mw, mw_start, mw_grads):
         assert got.dtype == torch.float32 and ulps(got, want, torch.float32) <= TOL[torch.float32], p.numel()
     assert p.dtype == torch.bfloat16
     assert torch.equal(p.detach().double(), truncate_bf16(st["master"].double()))
+
+# the same with a device coef: bit for bit; a NaN or inf one leaves masters and bf16 copies alone
+mw_dev = [torch.nn.Parameter(p0.clone()) for p0 in mw_start]
+mw_dev_opt = InterpretedAdamW(mw_dev, master_weights=True, **HYPER[0])
+for s in range(STEPS):
+    for p, gl in zip(mw_dev, mw_grads):
+        p.grad = gl[s].clone()
+    mw_dev_opt.step(grad_coef=torch.tensor(COEF, dtype=torch.float64))
+assert mw_dev_opt.takes_device_coef()
+assert same(mw_dev, mw) and same(mw_dev_opt.state_dict(), mw_opt.state_dict())
+
+def next_mw_grads():
+    for p, gl in zip(mw_dev, mw_grads):
+        p.grad = gl[0].clone()
+
+skipped_steps_write_nothing(mw_dev, mw_dev_opt, next_mw_grads)
 
 # three steps in torch, two more in the kernel from torch's state_dict: the step count carries over
 half, half_opt = run(torch.optim.AdamW, last=3)
@@ -169,7 +232,7 @@ def test_kernel_compiles_for_sm90_with_vector_loads(tmp_path, monkeypatch):
     for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
         tl_dtype = ok._TL_DTYPE[dtype]
         constexprs = {"P_DTYPE": tl_dtype, "G_DTYPE": tl_dtype, "S_DTYPE": tl_dtype, "Q_DTYPE": tl_dtype,
-                      "HAS_Q": False, "BLOCK": ok.BLOCK}
+                      "HAS_Q": False, "COEF_ON_DEVICE": False, "BLOCK": ok.BLOCK}
         signature = {name: sig.get(name, "constexpr") for name in ok._adamw_kernel.arg_names}
         try:
             kernel = triton_compile(ASTSource(ok._adamw_kernel, signature, constexprs),
@@ -180,12 +243,16 @@ def test_kernel_compiles_for_sm90_with_vector_loads(tmp_path, monkeypatch):
         per_tensor = 16 * size // 16  # 16 elements per thread in 16-byte vectors
         assert ptx.count("ld.global.v4.b32") == 4 * per_tensor, dtype  # p, g, m, v
         assert ptx.count("st.global.v4.b32") == 3 * per_tensor, dtype  # p, m, v
-    # master weights: fp32 master and moments, bf16 gradient and bf16 copy, all in 16-byte vectors
+    # master weights: fp32 master and moments, bf16 gradient and bf16 copy, all in 16-byte vectors;
+    # the same with the coef read from a float64 device scalar (one load, one round to fp32)
     f32, b16 = ok._TL_DTYPE[torch.float32], ok._TL_DTYPE[torch.bfloat16]
-    constexprs = {"P_DTYPE": f32, "G_DTYPE": b16, "S_DTYPE": f32, "Q_DTYPE": b16, "HAS_Q": True,
-                  "BLOCK": ok.BLOCK}
-    kernel = triton_compile(ASTSource(ok._adamw_kernel, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    ptx = kernel.asm["ptx"]
-    assert ptx.count("ld.global.v4.b32") == 4 + 2 + 4 + 4  # master, g (bf16), m, v
-    assert ptx.count("st.global.v4.b32") == 4 + 2 + 4 + 4  # master, the bf16 copy, m, v
+    for on_device in (False, True):
+        constexprs = {"P_DTYPE": f32, "G_DTYPE": b16, "S_DTYPE": f32, "Q_DTYPE": b16, "HAS_Q": True,
+                      "COEF_ON_DEVICE": on_device, "BLOCK": ok.BLOCK}
+        signature["grad_coef"] = "*fp64" if on_device else "fp32"
+        kernel = triton_compile(ASTSource(ok._adamw_kernel, signature, constexprs),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        ptx = kernel.asm["ptx"]
+        assert ptx.count("ld.global.v4.b32") == 4 + 2 + 4 + 4  # master, g (bf16), m, v
+        assert ptx.count("st.global.v4.b32") == 4 + 2 + 4 + 4  # master, the bf16 copy, m, v
+        assert ptx.count("cvt.rn.f32.f64") == on_device  # rounded to nearest, as a float argument

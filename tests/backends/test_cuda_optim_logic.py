@@ -8,6 +8,7 @@ TritonAdamW there is torch.optim.AdamW(fused=True) bit for bit. Tests of the lau
 launch for a recorder and let CPU tensors in (``kernel_device_type = "cpu"``).
 """
 
+import copy
 import io
 
 import pytest
@@ -335,3 +336,105 @@ def test_master_weights_launch_writes_the_params(launches, monkeypatch):
     _set_grads(params, seed=0)
     opt.step()
     assert seen == [([torch.float32] * 2, [torch.bfloat16] * 2, [torch.bfloat16] * 2)]
+
+
+# ----------------------------------------------------------------- a coefficient on the device
+def _dev(coef: float) -> torch.Tensor:
+    return torch.tensor(coef, dtype=torch.float64)
+
+
+def _everything(params, opt):
+    """Every tensor a step could write (params, grads) and the state_dict, cloned."""
+    tensors = [t.detach().clone() for p in params for t in (p, p.grad) if t is not None]
+    return tensors, copy.deepcopy(opt.state_dict())
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+MAKERS = {  # each one's tensors take another path on the CPU (the kernel takes CUDA tensors only)
+    "fused": lambda: ok.TritonAdamW(_params(5, (3, 4), seed=2), lr=0.1, weight_decay=0.1),
+    "master": lambda: ok.TritonAdamW(_params(5, (3, 4), dtype=torch.bfloat16, seed=2), lr=0.1,
+                                     weight_decay=0.1, master_weights=True),
+    "foreach": lambda: ok.TritonAdamW(_params(5, (3, 4), seed=2), lr=0.1, weight_decay=0.1, foreach=True),
+    "amsgrad": lambda: ok.TritonAdamW(_params(5, (3, 4), seed=2), lr=0.1, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("path", sorted(MAKERS))
+def test_device_coef_steps_as_the_float_and_skips_when_not_finite(path):
+    """step(grad_coef=<float64 tensor>) on the CPU's torch paths: bit for bit the float coef's step
+    (1 included: the float path then skips the multiply); a NaN or inf one writes nothing, not even
+    the gradients, and undo_step() puts the state_dict back bitwise, from an empty one included
+    (the first step). torch fused skips on found_inf; the foreach and amsgrad groups read the coef."""
+    float_opt, dev_opt = MAKERS[path](), MAKERS[path]()
+    ps, qs = float_opt.param_groups[0]["params"], dev_opt.param_groups[0]["params"]
+    for bad in (float("nan"), float("inf")):
+        _set_grads(qs, seed=0)
+        before = _everything(qs, dev_opt)
+        dev_opt.step(grad_coef=_dev(bad))
+        assert _same(_everything(qs, dev_opt)[0], before[0]), bad
+        dev_opt.undo_step()
+        assert _same(_everything(qs, dev_opt), before) and not dev_opt.state, bad
+    for seed, coef in enumerate((0.37, 1.0, 0.123456789)):
+        _set_grads(ps, seed)
+        _set_grads(qs, seed)
+        float_opt.step(grad_coef=coef)
+        dev_opt.step(grad_coef=_dev(coef))
+        assert _same(_everything(qs, dev_opt), _everything(ps, float_opt)), coef
+    before = _everything(qs, dev_opt)
+    dev_opt.step(grad_coef=_dev(float("nan")))
+    assert _same(_everything(qs, dev_opt)[0], before[0])
+    assert any(float(st["step"]) == 4.0 for st in dev_opt.state.values()) == (path in ("fused", "master"))
+    dev_opt.undo_step()
+    assert _same(_everything(qs, dev_opt), before)
+    _set_grads(ps, seed=9)
+    _set_grads(qs, seed=9)
+    float_opt.step(grad_coef=0.5)
+    dev_opt.step(grad_coef=_dev(0.5))  # the bias correction of step 4, not 5
+    assert _same(_everything(qs, dev_opt), _everything(ps, float_opt))
+
+
+def test_takes_device_coef_says_where_a_step_would_read_it():
+    """True where every tensor goes to the kernel or to torch's fused kernel (which skips on
+    found_inf) with fp32/fp64 gradients; False where torch's foreach or for-loop code would take a
+    group, or bf16 gradients would be scaled by torch on the CPU (the step then reads the coef)."""
+    assert MAKERS["fused"]().takes_device_coef() and MAKERS["master"]().takes_device_coef()
+    assert not MAKERS["foreach"]().takes_device_coef() and not MAKERS["amsgrad"]().takes_device_coef()
+    assert ok.TritonAdamW(_params(5), amsgrad=True, fused=True).takes_device_coef()
+    assert not ok.TritonAdamW(_params(5), fused=False).takes_device_coef()
+    assert not ok.TritonAdamW(_params(5, dtype=torch.bfloat16)).takes_device_coef()
+    assert CPUKernelAdamW(_params(5, dtype=torch.bfloat16)).takes_device_coef() == ok.HAVE_TRITON
+
+
+def test_undo_step_follows_a_device_coef_step_once():
+    opt = MAKERS["fused"]()
+    _set_grads(opt.param_groups[0]["params"], seed=0)
+    with pytest.raises(RuntimeError, match="undo_step"):
+        opt.undo_step()
+    opt.step(grad_coef=_dev(float("nan")))
+    opt.undo_step()
+    with pytest.raises(RuntimeError, match="undo_step"):
+        opt.undo_step()
+    opt.step(grad_coef=0.5)
+    with pytest.raises(RuntimeError, match="undo_step"):  # a float step has no host half to take back
+        opt.undo_step()
+
+
+def test_a_device_coef_reaches_the_kernel_as_a_tensor(monkeypatch):
+    seen = []
+    monkeypatch.setattr(ok, "HAVE_TRITON", True)
+    monkeypatch.setattr(ok, "launch_adamw", lambda *args, grad_coef, **kw: seen.append(grad_coef))
+    params = _params(64, 2048)
+    opt = CPUKernelAdamW(params, lr=0.1)
+    _set_grads(params, seed=0)
+    coef = _dev(0.25)
+    opt.step(grad_coef=coef)
+    assert len(seen) == 1 and seen[0] is coef

@@ -79,3 +79,20 @@ def test_dp2_and_dp_x_ep_match_single_process(tmp_path):
     resumed, _ = train(tmp_path, "ep2", "--resume")
     for step, row in single.items():
         assert resumed[step]["loss"] == pytest.approx(row["loss"], rel=1e-5), step
+
+
+@pytest.mark.multiproc
+def test_dp2_bf16_master_queued_step_skips_a_bad_step_on_every_rank(tmp_path, monkeypatch):
+    """bf16_master queues TritonAdamW's step before the host read (anymoe/trainers/pretrain.py): the
+    skip decision is taken on the device from the all-reduced gradients and the DP-summed loss, so
+    both ranks skip the poisoned step and the DP=2 run follows the one-process run (bf16 gradients
+    summed in another order: 1e-5 apart in the loss, 1e-3 in the grad norm, when written)."""
+    monkeypatch.setenv("ANYMOE_FAULT_NAN_STEPS", "1")
+    args = ("--set", "train.precision=bf16_master", "--set", "checkpoint.every=0")
+    single, _ = train(tmp_path, "dp1", *args)
+    dp2, _ = train(tmp_path, "dp2", "--nproc", "2", *args)
+    assert [step for step, row in dp2.items() if row.get("skipped")] == [2]
+    assert [step for step, row in single.items() if row.get("skipped")] == [2]
+    for step in (1, 3, 4):
+        assert dp2[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-4), step
+        assert dp2[step]["grad_norm"] == pytest.approx(single[step]["grad_norm"], rel=1e-2), step

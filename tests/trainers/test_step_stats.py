@@ -64,6 +64,11 @@ def test_one_read_equals_reading_every_micro_batch(accum):
     later = host.summarize()
     assert later.aux_total == aux_total and later.aux_sums == aux_sums and later.layer_extra == extra
     assert all(torch.equal(a, b) for a, b in zip(later.layer_loads, loads))
+    # started before the optimizer step is queued, finished after; the CE sum also on the device
+    finish = stats.fetch_later(extra_in)
+    late = finish()
+    assert late.extra == host.extra and torch.equal(late.rows, host.rows)
+    assert stats.ce_sum_on_device().item() == ce_sum.item()  # the same additions in the same order
 
 
 def test_no_moe_layers_and_non_finite_values():
@@ -73,7 +78,7 @@ def test_no_moe_layers_and_non_finite_values():
     stats.add(torch.tensor(1.0), out)
     got = stats.read()
     assert got.layer_loads is None and got.aux_sums == {} and got.extra == []
-    assert got.ce_sum.isnan()
+    assert got.ce_sum.isnan() and stats.ce_sum_on_device().isnan()
 
 
 def test_entropy_on_device_is_router_entropy():
