@@ -195,6 +195,38 @@ def test_bf16_master_keeps_fp32_masters_and_resumes_bitwise(tmp_path):
         assert loss == pytest.approx(straight[step], rel=2e-2), step
 
 
+def test_bf16_moments_train_resume_bitwise_and_stay_bf16(tmp_path, capsys):
+    """optim.moment_dtype: bf16 under bf16_master: bf16 moments in optim.pt, fp32 masters; the loss
+    falls, a resume repeats the steps bit for bit, and the curve stays near the fp32-moment one.
+    Without bf16_master the setting is refused naming the field, before any work."""
+    import shutil
+
+    import torch
+
+    curves = {}
+    for moments in ("fp32", "bf16"):
+        cfg = write_cfg(tmp_path, train={**FAST["train"], "precision": "bf16_master"},
+                        optim={"moment_dtype": moments})
+        run = tmp_path / moments
+        assert main(["train", str(cfg), "--out", str(run)]) == 0
+        curves[moments] = losses(run)
+    bf16 = curves["bf16"]
+    assert bf16[8] < bf16[1] and bf16 != curves["fp32"]
+    for step, loss in bf16.items():
+        assert loss == pytest.approx(curves["fp32"][step], rel=2e-2), step
+    state = torch.load(tmp_path / "bf16" / "checkpoints" / "step_00000004" / "optim.pt", weights_only=True)
+    for name, st in state["state"].items():
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16, name
+        assert st["master"].dtype == torch.float32, name
+    shutil.rmtree(tmp_path / "bf16" / "checkpoints" / "step_00000008")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "bf16"), "--resume"]) == 0
+    assert losses(tmp_path / "bf16") == bf16  # bitwise
+    cfg = write_cfg(tmp_path, optim={"moment_dtype": "bf16"})
+    assert main(["train", str(cfg), "--out", str(tmp_path / "refused")]) == 2
+    assert "optim.moment_dtype" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_bf16_master_refused_with_deepspeed(tmp_path, capsys):
     cfg = write_cfg(tmp_path, train={**FAST["train"], "precision": "bf16_master"}, engine="deepspeed")
     assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2

@@ -213,7 +213,8 @@ class TritonAdamW(torch.optim.AdamW):
     ``foreach`` unset (they choose torch's implementation for what the kernel does not take).
 
     ``master_weights=True`` (low-precision parameters, e.g. a bf16 model): each parameter's
-    state also holds ``master``, an fp32 copy, and the moments are fp32; the update reads the
+    state also holds ``master``, an fp32 copy, and the moments are fp32 (or ``moment_dtype``,
+    e.g. bf16: loaded to fp32, stored rounded once, as any low-precision state); the update reads the
     low-precision gradient, steps the master and writes the parameter as the master rounded to
     its dtype, in the same pass (the kernel), so the model never sees an fp32 weight and nothing
     is lost to bf16 rounding between steps. ``master`` is ordinary optimizer state: it is in
@@ -231,9 +232,13 @@ class TritonAdamW(torch.optim.AdamW):
     block = BLOCK
     takes_grad_coef = True  # step(grad_coef=c): the update reads grad * c (anymoe.trainers.optim)
 
-    def __init__(self, params, *args, master_weights: bool = False, **kwargs) -> None:
+    def __init__(self, params, *args, master_weights: bool = False, moment_dtype: torch.dtype = torch.float32,
+                 **kwargs) -> None:
         super().__init__(params, *args, **kwargs)
         self.master_weights = master_weights
+        if moment_dtype != torch.float32 and not master_weights:
+            raise ValueError("moment_dtype other than float32 needs master_weights=True")
+        self.moment_dtype = moment_dtype
         self._host_half: _HostHalf | None = None  # of the last step with a device coef, for undo_step()
         if master_weights:
             plain = [g for g in self.param_groups if group_uses_kernel(g) and g["fused"] is None
@@ -243,17 +248,18 @@ class TritonAdamW(torch.optim.AdamW):
                                  "capturable, differentiable, fused or foreach, float hyper-parameters)")
 
     def _master_state(self, p: Tensor) -> dict:
-        """p's state with an fp32 master and fp32 moments (made on first use, or upgraded)."""
+        """p's state with an fp32 master and moments in ``moment_dtype`` (made on first use, or converted)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state[key] = torch.zeros_like(p, dtype=self.moment_dtype,
+                                              memory_format=torch.contiguous_format)
         if "master" not in state:
             state["master"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         for key in ("exp_avg", "exp_avg_sq"):
-            if state[key].dtype != torch.float32:
-                state[key] = state[key].float()
+            if state[key].dtype != self.moment_dtype:
+                state[key] = state[key].to(self.moment_dtype)
         return state
 
     @torch.no_grad()
@@ -269,13 +275,15 @@ class TritonAdamW(torch.optim.AdamW):
         self._host_half = None  # nothing left to undo: the loaded state replaces it
         if not self.master_weights:
             return
-        # torch cast every floating state tensor to its parameter's dtype; restore fp32 values.
+        # torch cast every floating state tensor to its parameter's dtype; restore the masters in fp32
+        # and the moments in moment_dtype.
         ordered = [p for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             p = ordered[int(idx)]
-            for key in ("master", "exp_avg", "exp_avg_sq"):
+            for key, dtype in (("master", torch.float32), ("exp_avg", self.moment_dtype),
+                               ("exp_avg_sq", self.moment_dtype)):
                 if key in saved and torch.is_tensor(saved[key]):
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
 
     def takes_device_coef(self) -> bool:
         """Whether ``step(grad_coef=<device tensor>)`` queues the whole step without reading the
@@ -384,8 +392,12 @@ class TritonAdamW(torch.optim.AdamW):
         if rest:
             lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
             sub = [[lst[i] for i in rest] for lst in lists]
-            if copies is not None:  # torch's AdamW wants the gradient in the master's dtype
+            if copies is not None:  # torch's AdamW wants the gradient (and moments) in the master's dtype
                 sub[1] = [g.to(p.dtype) for g, p in zip(sub[1], sub[0])]
+            moments = sub[2] + sub[3]
+            upcast = copies is not None and self.moment_dtype != torch.float32
+            if upcast:  # low-precision moments: the step on fp32 copies, stored rounded (as the kernel does)
+                sub[2], sub[3] = [m.float() for m in sub[2]], [v.float() for v in sub[3]]
             fused = _torch_fused(group, *sub[:4])
             coef, found_inf = _torch_coef(grad_coef, sub[1], fused)
             if coef is not None:  # None: read on the host, not finite, a step to skip
@@ -393,6 +405,8 @@ class TritonAdamW(torch.optim.AdamW):
                 self._torch_rest(group, *sub, fused=fused, found_inf=found_inf)
                 if copies is not None:
                     _copy_masters([copies[i] for i in rest], sub[0], found_inf)
+                if upcast:
+                    torch._foreach_copy_(moments, sub[2] + sub[3])
         if not mine:
             return
         for i in mine:

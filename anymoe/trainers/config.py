@@ -157,6 +157,9 @@ class RunConfig:
             if self.train.precision == "bf16_master":
                 raise ConfigError("train.precision", "bf16_master is the native engine's; DeepSpeed keeps "
                                   "its own fp32 masters under bf16: set train.precision: bf16")
+        if self.optim.moment_dtype == "bf16" and self.train.precision != "bf16_master":
+            raise ConfigError("optim.moment_dtype", "bf16 moments are kept by the master-weights optimizer "
+                              "of train.precision: bf16_master; set it, or optim.moment_dtype: fp32")
         check_finetune(self.finetune, self.model, self.ep)
         check_compile_config(self)
         seq = getattr(self.data, "seq_len", None)

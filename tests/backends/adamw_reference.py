@@ -11,13 +11,15 @@ import torch
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
-def reference_adamw(p0, grads, *, lr, betas, eps, weight_decay, store):
+def reference_adamw(p0, grads, *, lr, betas, eps, weight_decay, store, store_moments=None):
     """(param, exp_avg, exp_avg_sq) in float64 after one step per gradient, from zero moments.
 
     torch.optim.AdamW's algorithm: decay the weight, update the moments, step by the bias-corrected
     ratio. ``store(x)`` rounds a float64 tensor to the storage dtype (and back to float64) after
-    each step, as the optimizer keeps p, m, v in their dtypes between steps.
+    each step, as the optimizer keeps p, m, v in their dtypes between steps; ``store_moments``
+    (default ``store``) rounds m and v when they are kept in another dtype (bf16 moments).
     """
+    store_moments = store_moments or store
     beta1, beta2 = betas
     p = p0.double()
     m = torch.zeros_like(p)
@@ -28,7 +30,7 @@ def reference_adamw(p0, grads, *, lr, betas, eps, weight_decay, store):
         m = beta1 * m + (1 - beta1) * g
         v = beta2 * v + (1 - beta2) * g * g
         p = p - lr / (1 - beta1**t) * m / (v.sqrt() / math.sqrt(1 - beta2**t) + eps)
-        p, m, v = store(p), store(m), store(v)
+        p, m, v = store(p), store_moments(m), store_moments(v)
     return p, m, v
 
 

@@ -144,6 +144,33 @@ def test_master_weights_in_the_kernel(monkeypatch):
             assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), st["master"].to(torch.bfloat16))
 
 
+def test_bf16_moments_in_the_kernel(monkeypatch):
+    """moment_dtype=bf16 (optim.moment_dtype): the kernel loads the bf16 moments to fp32, steps the
+    fp32 master with the unrounded new moments and stores them rounded to nearest bf16, in the same
+    launch; float64 reference with that storage."""
+    launched = _count_launches(monkeypatch)
+    start, grads = _data(torch.bfloat16, 5)
+    params = [[torch.nn.Parameter(p.to(DEV, copy=True)) for p in ps] for ps in start]
+    opt = ok.TritonAdamW([{"params": ps, **h} for ps, h in zip(params, HYPER)], master_weights=True,
+                         moment_dtype=torch.bfloat16)
+    for s in range(STEPS):
+        for ps, gs in zip(params, grads):
+            for p, gl in zip(ps, gs):
+                p.grad = gl[s].to(DEV)
+        opt.step()
+    assert launched == [len(SIZES)] * (STEPS * len(HYPER))
+    for gi, h in enumerate(HYPER):
+        for p, p0, gl in zip(params[gi], start[gi], grads[gi]):
+            st = opt.state[p]
+            master, m, v = reference_adamw(p0, gl, store=round_nearest(torch.float32),
+                                           store_moments=round_nearest(torch.bfloat16), **h)
+            assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+            assert ulps(st["exp_avg"].cpu(), m, torch.bfloat16) <= TOL_REF[torch.bfloat16], (gi, p.shape)
+            assert ulps(st["exp_avg_sq"].cpu(), v, torch.bfloat16) <= TOL_REF[torch.bfloat16], (gi, p.shape)
+            # a moment one bf16 ulp off moves later updates by ~lr * 2**-8: loose in fp32 ulps
+            assert ulps(st["master"].cpu(), master, torch.float32) <= 4096, (gi, p.shape)
+
+
 def test_a_misaligned_view_goes_to_torch_fused_and_still_matches(monkeypatch):
     launched = _count_launches(monkeypatch)
     g = torch.Generator().manual_seed(2)

@@ -315,6 +315,37 @@ def test_master_weights_survive_state_dict_in_fp32():
     assert opt.state[plain[0]]["master"].dtype == torch.float32
 
 
+def test_bf16_moments_on_the_torch_path_step_fp32_copies_and_store_rounded():
+    """moment_dtype=bf16 where the kernel does not run (CPU, NPU): torch's AdamW on fp32 copies of
+    the moments, stored back rounded to nearest bf16: bit for bit a reference that rounds its fp32
+    moments after every step (the kernel's storage); the state dict keeps them bf16."""
+    params = _params((7, 5), (300,), dtype=torch.bfloat16, seed=4)
+    masters = [torch.nn.Parameter(p.detach().float()) for p in params]
+    opt = ok.TritonAdamW(params, lr=0.05, weight_decay=0.1, master_weights=True, moment_dtype=torch.bfloat16)
+    ref = torch.optim.AdamW(masters, lr=0.05, weight_decay=0.1, fused=True)
+    for step in range(3):
+        _set_grads(params, seed=20 + step)
+        for m, p in zip(masters, params):
+            m.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        for m in masters:  # the reference keeps its moments at bf16 values
+            for key in ("exp_avg", "exp_avg_sq"):
+                ref.state[m][key].copy_(ref.state[m][key].to(torch.bfloat16))
+        for p, m in zip(params, masters):
+            assert torch.equal(opt.state[p]["master"], m.detach())
+            assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert opt.state[p][key].dtype == torch.bfloat16
+                assert torch.equal(opt.state[p][key].float(), ref.state[m][key])
+    again = ok.TritonAdamW(params, lr=0.05, master_weights=True, moment_dtype=torch.bfloat16)
+    again.load_state_dict(opt.state_dict())
+    assert again.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    assert again.state[params[0]]["master"].dtype == torch.float32
+    with pytest.raises(ValueError, match="master_weights"):
+        ok.TritonAdamW(params, lr=0.1, moment_dtype=torch.bfloat16)
+
+
 def test_master_weights_refuse_groups_the_kernel_lacks():
     with pytest.raises(ValueError, match="master_weights"):
         ok.TritonAdamW(_params((3,), dtype=torch.bfloat16), lr=0.1, amsgrad=True, master_weights=True)
