@@ -85,10 +85,11 @@ def load_parity_config(args: argparse.Namespace):
 
 def recipe_sha256(cfg) -> str:
     """Hash of what must match between two curves that are compared: model, data, optimiser,
-    seed and step count (not the backend, EP size, precision or logging)."""
+    seed and step count (not the backend, EP size, precision -- incl. the moments' dtype -- or logging)."""
     data = to_dict(cfg)
     train = {k: v for k, v in data["train"].items() if k not in ("precision", "deterministic", "compile")}
-    recipe = {"model": data["model"], "data": data["data"], "optim": data["optim"], "train": train}
+    optim = {k: v for k, v in data["optim"].items() if k != "moment_dtype"}
+    recipe = {"model": data["model"], "data": data["data"], "optim": optim, "train": train}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
