@@ -55,16 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _argv_for_workers(args: argparse.Namespace, run_dir: Path) -> list[str]:
-    argv = ["train", args.config, "--out", str(run_dir)]
-    for flag, value in (("--steps", args.steps), ("--seed", args.seed), ("--backend", args.backend),
-                        ("--sizing", args.sizing)):
-        if value is not None:
-            argv += [flag, str(value)]
-    for item in args.overrides:
-        argv += ["--set", item]
-    if args.resume:
-        argv.append("--resume")
-    return argv
+    from anymoe.trainers.distributed import worker_argv
+
+    return worker_argv(["train", args.config], run_dir, args, ("steps", "seed", "backend", "sizing"))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

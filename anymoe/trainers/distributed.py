@@ -111,6 +111,23 @@ def shutdown(wait_for_peers: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def worker_argv(command: list[str], run_dir, args, flags: tuple[str, ...] = ("steps", "seed", "backend")
+                ) -> list[str]:
+    """The command line each torchrun worker re-runs: ``command`` (e.g. ``["train", CONFIG]``), the
+    run directory, the ``--flag value`` pairs of ``args`` that were given, every ``--set`` and
+    ``--resume`` (no ``--nproc``: the workers learn the world from torchrun's environment)."""
+    argv = [*command, "--out", str(run_dir)]
+    for name in flags:
+        value = getattr(args, name)
+        if value is not None:
+            argv += [f"--{name}", str(value)]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if args.resume:
+        argv.append("--resume")
+    return argv
+
+
 def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Run ``anymoe <argv>`` under torchrun with ``nproc`` local processes; returns its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -121,4 +138,4 @@ def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     return subprocess.call(cmd, env=env)
 
 
-__all__ = ["DistEnv", "env_from_launcher", "init_distributed", "relaunch", "shutdown"]
+__all__ = ["DistEnv", "env_from_launcher", "init_distributed", "relaunch", "shutdown", "worker_argv"]

@@ -74,18 +74,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return items
 
 
-def _argv_for_workers(args: argparse.Namespace, run_dir: Path) -> list[str]:
-    argv = ["rlhf", args.algorithm, args.config, "--out", str(run_dir)]
-    for flag, value in (("--steps", args.steps), ("--seed", args.seed), ("--backend", args.backend)):
-        if value is not None:
-            argv += [flag, str(value)]
-    for item in args.overrides:
-        argv += ["--set", item]
-    if args.resume:
-        argv.append("--resume")
-    return argv
-
-
 def run(args: argparse.Namespace) -> int:
     from anymoe.core.backend import BackendUnavailable, get_backend
     from anymoe.trainers.checkpoint import (
@@ -94,7 +82,13 @@ def run(args: argparse.Namespace) -> int:
         probe_writable,
         write_bytes_atomic,
     )
-    from anymoe.trainers.distributed import env_from_launcher, init_distributed, relaunch, shutdown
+    from anymoe.trainers.distributed import (
+        env_from_launcher,
+        init_distributed,
+        relaunch,
+        shutdown,
+        worker_argv,
+    )
     from anymoe.trainers.loop import TrainingStopped
     from anymoe.trainers.rlhf.config import load_rlhf_config
 
@@ -121,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         return _fail(str(err))
     if world > 1 and env.world_size == 1:
-        return relaunch(world, _argv_for_workers(args, run_dir))
+        return relaunch(world, worker_argv(["rlhf", args.algorithm, args.config], run_dir, args))
     try:
         env = init_distributed(backend)
         from anymoe.core.parallel import build_parallel_groups
