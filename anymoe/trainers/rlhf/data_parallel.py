@@ -66,6 +66,18 @@ class DataParallel:
         t = t.detach().contiguous()
         return C.all_gather(t, self.groups.world, sizes=C.gather_sizes(t.shape[0], self.groups.world))
 
+    def mean(self, values: dict[str, float], summed: tuple[str, ...] = ("nonfinite",)) -> dict[str, float]:
+        """Per-rank statistics averaged over the ranks that report each one (a rank whose every
+        micro-step was skipped has no loss terms), those named in ``summed`` added up."""
+        if self.groups is None:
+            return dict(values)
+        everyone: list[list[str]] = [[] for _ in range(self.size)]
+        torch.distributed.all_gather_object(everyone, sorted(values), group=self.groups.world.pg)
+        keys = sorted(set().union(*everyone))
+        totals = self.sum([v for k in keys for v in (values.get(k, 0.0), 1.0 if k in values else 0.0)])
+        sums, counts = totals[0::2], totals[1::2]
+        return {k: sums[i] if k in summed else sums[i] / counts[i] for i, k in enumerate(keys)}
+
     def max(self, n: int) -> int:
         """The largest ``n`` over the ranks (e.g. the micro-steps an update takes everywhere)."""
         if self.groups is None:

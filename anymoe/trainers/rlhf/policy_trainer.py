@@ -185,6 +185,7 @@ class PolicyTrainer:
     # ---- phase 3: measure ----
     def measure(self, experiences: list[Experience], rstats: RolloutStats,
                 upd: Mapping[str, float]) -> dict[str, Any]:
+        upd = self.dp.mean(dict(upd))  # every rank's update statistics, averaged
         scores = self.dp.gather(torch.cat([e.scores_B.float().cpu() for e in experiences]))
         lengths = self.dp.gather(torch.cat([e.mask_BR.sum(1).float().cpu() for e in experiences]))
         row: dict[str, Any] = {
@@ -203,20 +204,12 @@ class PolicyTrainer:
         if kls:
             kl_sum, kl_n = self.dp.sum([sum(k * n for k, n in kls), sum(n for _, n in kls)])
             row["kl"] = kl_sum / kl_n
-        row.update(self._rank_mean({k: v for k, v in upd.items() if k != "policy_loss"}))
-        row.update(self._rank_mean({"routing_agreement": rstats.agreement.get("exact", 1.0),
-                                    "routing_overlap": rstats.agreement.get("overlap", 1.0),
-                                    "rollout_train_logp_gap": rstats.rollout_train_logp_gap}))
+        row.update({k: v for k, v in upd.items() if k != "policy_loss"})
+        row.update(self.dp.mean({"routing_agreement": rstats.agreement.get("exact", 1.0),
+                                 "routing_overlap": rstats.agreement.get("overlap", 1.0),
+                                 "rollout_train_logp_gap": rstats.rollout_train_logp_gap}))
         row["layers"] = self._expert_load(experiences)
         return row
-
-    def _rank_mean(self, values: dict[str, float]) -> dict[str, float]:
-        """The mean over the ranks of per-rank statistics (counts such as ``nonfinite`` summed)."""
-        if self.dp.size == 1:
-            return values
-        keys = sorted(values)
-        sums = self.dp.sum([values[k] for k in keys])
-        return {k: v if k == "nonfinite" else v / self.dp.size for k, v in zip(keys, sums)}
 
     def _expert_load(self, experiences: list[Experience]) -> list[dict[str, Any]]:
         layers: list[dict[str, Any]] = []

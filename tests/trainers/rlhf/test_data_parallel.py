@@ -26,6 +26,7 @@ from anymoe.core.parallel import ParallelConfig, build_parallel_groups
 from anymoe.trainers.checkpoint import CheckpointManager
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.rlhf.config import load_rlhf_config
+from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.grpo import GRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -80,6 +81,25 @@ def test_grpo_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
     for k, ref in out["ref"].items():
         err = (out["dp"][k] - ref).abs().max().item()
         assert err <= 1e-5 * max(1.0, ref.abs().max().item()), (k, err)
+
+
+def _reductions_worker(rank: int, world: int) -> dict:
+    dp = DataParallel(build_parallel_groups(ParallelConfig(), "cpu", num_experts=4))
+    mine = {"a": 1.0, "nonfinite": 1.0} if rank == 0 else {"a": 3.0, "b": 5.0, "nonfinite": 0.0}
+    return {"mean": dp.mean(mine), "max": dp.max(rank + 2), "shard": dp.shard(list(range(6))),
+            "gather": dp.gather(torch.arange(rank + 1, dtype=torch.float32)).tolist(),
+            "any": dp.any(rank == 1), "sum": dp.sum([rank, 1.0])}
+
+
+@pytest.mark.multiproc
+def test_reductions_over_ranks():
+    """Statistics a rank lacks (every micro-step skipped) are averaged over the ranks that have them."""
+    r0, r1 = launch(_reductions_worker, 2, (), timeout_s=120)
+    assert r0["mean"] == r1["mean"] == {"a": 2.0, "b": 5.0, "nonfinite": 1.0}
+    assert r0["max"] == r1["max"] == 3
+    assert (r0["shard"], r1["shard"]) == ([0, 1, 2], [3, 4, 5])
+    assert r0["gather"] == r1["gather"] == [0.0, 0.0, 1.0]
+    assert r0["any"] and r1["any"] and r0["sum"] == [1.0, 2.0]
 
 
 def _cli(tmp_path: Path, algo: str, name: str, *args: str) -> subprocess.CompletedProcess:
