@@ -124,7 +124,9 @@ class CUDABackend(Backend):
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.benchmark = False  # autotuning may pick different kernels per run
         torch.backends.cudnn.deterministic = on
-        use_deterministic_algorithms(on)
+        # Strict: with warn_only, attention's backward (cuDNN or flash) stays non-deterministic and two
+        # bf16 runs of one config drift apart (bench/results/gpu_h100/session7/sdpa_determinism_h100.json).
+        use_deterministic_algorithms(on, strict=True)
 
     def autocast_dtype(self) -> torch.dtype | None:
         # fp16 would need loss scaling, which the trainers do not do: pre-Ampere GPUs run fp32.

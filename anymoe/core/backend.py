@@ -28,7 +28,7 @@ class Availability:
     reason: str = ""
 
 
-def use_deterministic_algorithms(on: bool) -> None:
+def use_deterministic_algorithms(on: bool, strict: bool = False) -> None:
     """torch's deterministic algorithms, without its fill of every new tensor.
 
     ``torch.use_deterministic_algorithms(True)`` also turns on
@@ -36,9 +36,11 @@ def use_deterministic_algorithms(on: bool) -> None:
     with NaN first, a debugging aid that changes no result of code that writes before it reads.
     On the H100 those fills were 10.7 ms of a 1.3B MoE's 127 ms training step
     (bench/results/gpu_h100/session6/). Reproducibility comes from the deterministic kernels,
-    which stay on.
+    which stay on. ``strict``: an op without a deterministic kernel raises instead of warning;
+    torch also picks some deterministic kernels only then (scaled-dot-product attention on
+    CUDA: flash attention's deterministic backward, cuDNN attention left out).
     """
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.use_deterministic_algorithms(on, warn_only=not strict)
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 

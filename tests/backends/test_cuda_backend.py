@@ -50,3 +50,21 @@ def test_selection_without_gpu_fails_with_one_line():
     with pytest.raises(BackendUnavailable) as err:
         get_backend("cuda")
     assert "\n" not in str(err.value) and str(err.value).startswith("backend 'cuda' is not usable here: ")
+
+
+def test_deterministic_mode_is_strict_on_cuda_and_warn_only_elsewhere():
+    """On CUDA torch picks attention's deterministic backward only in strict mode (in warn-only mode
+    two bf16 runs of one config drifted apart; bench/results/gpu_h100/session7/); the CPU keeps
+    warn-only. Both leave new tensors unfilled."""
+    was_on, was_warn_only = (torch.are_deterministic_algorithms_enabled(),
+                             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        create_backend("cuda").set_deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+        create_backend("cpu").set_deterministic(True)
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.backends.cudnn.deterministic = False
