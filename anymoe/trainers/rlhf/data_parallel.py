@@ -51,6 +51,10 @@ class DataParallel:
         assert per * self.size == len(items), (len(items), self.size)
         return list(items[self.rank * per:(self.rank + 1) * per])
 
+    def owns(self, index: int) -> bool:
+        """Whether this rank evaluates item / batch ``index`` (round robin: any count divides)."""
+        return index % self.size == self.rank
+
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over the ranks, in float64 (one small collective)."""
         if self.groups is None:

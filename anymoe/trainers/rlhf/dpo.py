@@ -113,7 +113,9 @@ class DPOTrainer(RLHFTrainer):
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         margin, acc, n = 0.0, 0.0, 0
-        for batch in eval_pair_batches(self.bundle, self.cfg.train.micro_batch):
+        for i, batch in enumerate(eval_pair_batches(self.bundle, self.cfg.train.micro_batch)):
+            if not self.dp.owns(i):  # each rank a share of the batches
+                continue
             t = self.pair_terms({k: v for k, v in batch.items() if isinstance(v, Tensor)})
             valid = batch.get("row_valid", torch.ones_like(t["chosen"], dtype=torch.bool))
             valid = valid.to(t["chosen"].device)
@@ -121,6 +123,7 @@ class DPOTrainer(RLHFTrainer):
             acc += float((t["chosen"] > t["rejected"])[valid].float().sum())
             n += int(valid.sum())
         self.model.train()
+        margin, acc, n = self.dp.sum([margin, acc, n])
         return {"eval_margin": margin / max(n, 1), "eval_accuracy": acc / max(n, 1)}
 
     def checkpoint_files(self) -> dict[str, Any]:

@@ -113,8 +113,8 @@ class PPOTrainer(RLHFTrainer):
         n = min(self.cfg.rlhf.eval_prompts, len(self.bundle.eval))
         if n == 0:
             return {}
-        items = [self.bundle.eval[i] for i in range(n)]
-        scores, exact = [], []
+        items = [self.bundle.eval[i] for i in range(n) if self.dp.owns(i)]  # each rank a share
+        scores, exact = [torch.zeros(0)], []
         by_len: dict[int, list[Any]] = {}
         for it in items:
             by_len.setdefault(len(it.prompt_ids), []).append(it)
@@ -127,10 +127,11 @@ class PPOTrainer(RLHFTrainer):
             mask = self.rollout.response_mask(gen.tokens_BR)
             s, _parts, texts = self.rollout.score([it.prompt for it in group], seq, prompt.shape[1], mask,
                                                   [item_row(it) for it in group])
-            scores.append(s)
+            scores.append(s.float().cpu())
             exact += [float(t.strip() == (it.answer or "").strip()) for t, it in zip(texts, group)]
         self.actor.module.train()
-        return {"eval_reward": torch.cat(scores).mean().item(), "eval_exact": sum(exact) / len(exact)}
+        total, right, count = self.dp.sum([torch.cat(scores).sum().item(), sum(exact), len(exact)])
+        return {"eval_reward": total / count, "eval_exact": right / count}
 
     def _rl_state_file(self, rank: int) -> str:
         """The sampling and shuffling generators of a rank (rank 0 keeps the one-process name)."""

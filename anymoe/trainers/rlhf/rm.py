@@ -94,7 +94,9 @@ class RMTrainer(RLHFTrainer):
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         correct, n, loss_sum = 0, 0, 0.0
-        for batch in eval_pair_batches(self.bundle, self.cfg.train.micro_batch):
+        for i, batch in enumerate(eval_pair_batches(self.bundle, self.cfg.train.micro_batch)):
+            if not self.dp.owns(i):  # each rank a share of the batches
+                continue
             valid = batch.get("row_valid", torch.ones(batch["chosen_input_ids"].shape[0], dtype=torch.bool))
             rc, rr, _ = self.scores(batch)
             v = valid.to(rc.device)
@@ -102,7 +104,8 @@ class RMTrainer(RLHFTrainer):
             loss_sum += float(torch.nn.functional.softplus(-(rc - rr))[v].sum())
             n += int(v.sum())
         self.model.train()
-        return {"eval_accuracy": correct / max(n, 1), "eval_loss": loss_sum / max(n, 1), "eval_pairs": n}
+        correct, n, loss_sum = self.dp.sum([correct, n, loss_sum])
+        return {"eval_accuracy": correct / max(n, 1), "eval_loss": loss_sum / max(n, 1), "eval_pairs": int(n)}
 
     def checkpoint_files(self) -> dict[str, Any]:
         if not self.dist.is_main:  # the replicas are equal: rank 0 writes them

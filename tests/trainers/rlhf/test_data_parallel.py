@@ -4,7 +4,8 @@
   aggregation: the mean over ranks of equal-sized means is the global mean), including a rank
   that runs out of micro-batches first (it joins the gradient average with none).
 - DPO over `anymoe rlhf dpo --nproc 2` takes the same steps as one process with twice the
-  gradient accumulation (same global batch): losses, gradient norms and final weights.
+  gradient accumulation (same global batch): losses, gradient norms, final weights, and the
+  held-out metrics (each rank evaluates a share of the batches).
 - GRPO over `--nproc 2` runs end to end, writes one model, and a resumed run reproduces the
   uninterrupted one bit for bit (each rank's sampling stream is in the checkpoint).
 """
@@ -119,7 +120,8 @@ def _rows(run: Path) -> dict[int, dict]:
 
 @pytest.mark.multiproc
 def test_dpo_two_processes_take_the_steps_of_one(tmp_path):
-    common = ["--steps", "3", "--set", "train.micro_batch=4", "--set", "checkpoint.at_end=true"]
+    common = ["--steps", "3", "--set", "train.micro_batch=4", "--set", "checkpoint.at_end=true",
+              "--set", "eval.at_end=true"]  # the held-out batches split over the ranks, then summed
     _cli(tmp_path, "dpo", "one", *common, "--set", "train.grad_accum=2")
     _cli(tmp_path, "dpo", "two", *common, "--set", "train.grad_accum=1", "--nproc", "2")
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
@@ -128,6 +130,9 @@ def test_dpo_two_processes_take_the_steps_of_one(tmp_path):
         for key in ("loss", "grad_norm", "margin", "chosen_reward"):
             assert two[step][key] == pytest.approx(row[key], rel=1e-4, abs=1e-7), (step, key)
     assert one[3]["loss"] != one[1]["loss"]  # the steps moved the policy
+    ends = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1]) for n in ("one", "two")]
+    for key in ("eval_margin", "eval_accuracy"):
+        assert ends[1][key] == pytest.approx(ends[0][key], rel=1e-4, abs=1e-7), key
     ckpt = [CheckpointManager(tmp_path / n / "checkpoints").latest_valid() for n in ("one", "two")]
     a, b = (CheckpointManager.load(p, "model.pt") for p in ckpt)
     for k in a:
@@ -139,7 +144,7 @@ def test_dpo_two_processes_take_the_steps_of_one(tmp_path):
 @pytest.mark.multiproc
 def test_grpo_two_processes_resume_bit_for_bit(tmp_path):
     common = ["--nproc", "2", "--set", "rlhf.rollout.prompts_per_step=4", "--set", "checkpoint.every=2",
-              "--set", "checkpoint.keep_last=2"]
+              "--set", "checkpoint.keep_last=2", "--set", "eval.at_end=true", "--set", "rlhf.eval_prompts=9"]
     _cli(tmp_path, "grpo", "straight", "--steps", "3", *common)
     _cli(tmp_path, "grpo", "resumed", "--steps", "2", *common)
     _cli(tmp_path, "grpo", "resumed", "--steps", "3", *common, "--resume")
@@ -148,6 +153,9 @@ def test_grpo_two_processes_resume_bit_for_bit(tmp_path):
     for step, row in straight.items():
         for key in ("loss", "reward_mean", "reward_std", "grad_norm", "response_len"):
             assert resumed[step][key] == row[key], (step, key)
+    ends = [json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[-1]) for n in ("straight",
+                                                                                               "resumed")]
+    assert ends[0]["eval_reward"] == ends[1]["eval_reward"]  # 9 greedy prompts split 5 / 4 over the ranks
     ckpt = CheckpointManager(tmp_path / "straight" / "checkpoints").latest_valid()
     names = sorted(p.name for p in ckpt.iterdir())
     assert "model.pt" in names and "rl_state.pt" in names and "rl_state_rank00001.pt" in names
