@@ -156,8 +156,12 @@ class PPOTrainer(RLHFTrainer):
         self.reference.module.load_state_dict(load(path, "reference.pt"))
         own = self._rl_state_file(self.dp.rank)
         state = load(path, own if (path / own).is_file() else "rl_state.pt")  # else: a smaller world's
-        self.generator.set_state(state["generator"])
         self.engine.shuffle.set_state(state["shuffle"])
+        if own == "rl_state.pt" or (path / own).is_file():
+            self.generator.set_state(state["generator"])
+        else:  # a rank the saving world lacked: its own stream, not a copy of rank 0's
+            step = int(self.ckpt.manifest(path)["step"])
+            self.generator.manual_seed(self.cfg.train.seed + 7 + 7919 * self.dp.rank + 104729 * step)
         if self.critic is not None:
             self.critic.module.load_state_dict(load(path, "critic.pt"))
             self.engine.critic_optimizer.load_state_dict(load(path, "critic_optim.pt"))

@@ -164,6 +164,22 @@ def test_grpo_two_processes_resume_bit_for_bit(tmp_path):
     assert not torch.equal(s0, s1)  # each rank samples from its own stream
 
 
+@pytest.mark.multiproc
+def test_grpo_resumes_a_one_process_run_on_two(tmp_path):
+    """A checkpoint of one process continues on two: rank 1 has no sampling state there and draws
+    its own stream (not a copy of rank 0's)."""
+    common = ["--set", "rlhf.rollout.prompts_per_step=4", "--set", "checkpoint.every=2"]
+    _cli(tmp_path, "grpo", "grow", "--steps", "2", *common)
+    _cli(tmp_path, "grpo", "grow", "--steps", "3", *common, "--resume", "--nproc", "2",
+         "--set", "checkpoint.at_end=true")
+    rows = _rows(tmp_path / "grow")
+    assert sorted(rows) == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows.values())
+    ckpt = CheckpointManager(tmp_path / "grow" / "checkpoints").latest_valid()
+    s0 = CheckpointManager.load(ckpt, "rl_state.pt")["generator"]
+    s1 = CheckpointManager.load(ckpt, "rl_state_rank00001.pt")["generator"]
+    assert not torch.equal(s0, s1)
+
+
 def test_prompts_must_divide_over_the_processes(tmp_path, capsys):
     from anymoe.cli import main
 
