@@ -7,7 +7,11 @@ before every optimizer step, so the replicas take the same steps and stay equal.
 The PPO/GRPO update is a sequence of micro-steps, and ranks may hold different numbers of
 micro-batches (prompts are bucketed by token length). A micro-step is therefore the union of
 every rank's i-th micro-batch: a rank that has run out takes part with zero gradients, and the
-sum is divided by the number of ranks that had a batch. Expert parallelism is not offered in
+sum is divided by the number of ranks that had a batch; token-mean loss terms are rescaled by each
+rank's share of the micro-step's tokens (``token_share``), so the policy step is the one-process
+step on the union of the micro-batches (token-mean exactly; seq-mean and dr-grpo where the ranks'
+micro-batches hold equally many sequences; the critic's value loss stays a per-rank token mean).
+Expert parallelism is not offered in
 RL (the rollout's decode steps would have to run in lockstep over the EP group).
 """
 
@@ -81,6 +85,14 @@ class DataParallel:
         totals = self.sum([v for k in keys for v in (values.get(k, 0.0), 1.0 if k in values else 0.0)])
         sums, counts = totals[0::2], totals[1::2]
         return {k: sums[i] if k in summed else sums[i] / counts[i] for i, k in enumerate(keys)}
+
+    def token_share(self, tokens: float, took_part: bool) -> float:
+        """``tokens x ranks that took part / all their tokens``: a rank's token mean times this,
+        averaged over those ranks, is the mean over all their tokens (1.0 in one process)."""
+        if self.groups is None:
+            return 1.0
+        total, ranks = self.sum([tokens if took_part else 0.0, 1.0 if took_part else 0.0])
+        return tokens * ranks / total if took_part and total > 0 else 1.0
 
     def max(self, n: int) -> int:
         """The largest ``n`` over the ranks (e.g. the micro-steps an update takes everywhere)."""

@@ -96,8 +96,10 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         loss = None
+        # token-mean terms over the union of the ranks' micro-batches, not each rank's own tokens
+        share = self.dp.token_share(float(mb.mask_BR.sum()) if mb is not None else 0.0, mb is not None)
         if mb is not None:
-            loss, stats, after = self._policy_loss(mb)
+            loss, stats, after = self._policy_loss(mb, share)
             loss.backward()
         params = list(self.actor.parameters())
         self.dp.average_gradients(params, took_part=mb is not None)
@@ -118,9 +120,14 @@ class PolicyTrainer:
             stats.update(after())
         return stats
 
-    def _policy_loss(self, mb: Experience) -> tuple[Tensor, dict[str, float], Callable[[], dict[str, float]]]:
-        """The policy loss of one micro-batch, its named terms, and the statistics to read after the step."""
+    def _policy_loss(self, mb: Experience, share: float = 1.0
+                     ) -> tuple[Tensor, dict[str, float], Callable[[], dict[str, float]]]:
+        """The policy loss of one micro-batch, its named terms, and the statistics to read after the step.
+
+        ``share`` (``DataParallel.token_share``) rescales the token-mean terms so that the ranks'
+        averaged gradient is that of the mean over every rank's tokens (1 in one process)."""
         pol, moe = self.cfg.policy, self.cfg.moe
+        token_mean = pol.loss_agg == "token-mean"
         replay = mb.routing_NTK if moe.routing_replay else None
         logp, entropy, out = self.actor.logprobs(mb.sequences_BL, mb.prompt_len, replay, entropy=True)
         is_weight = None
@@ -129,15 +136,15 @@ class PolicyTrainer:
         pg, stats = policy_loss(logp, mb.old_logp_BR, mb.advantages_BR, mb.mask_BR, clip_eps=pol.clip_eps,
                                 clip_eps_high=pol.clip_eps_high or None, agg=pol.loss_agg,
                                 max_len=self.cfg.rollout.max_new_tokens, is_weight=is_weight)
-        loss = pg
+        loss = pg * share if token_mean and share != 1.0 else pg
         if pol.kl_coef > 0 and not pol.kl_in_reward and mb.ref_logp_BR is not None:
             kl = aggregate(kl_penalty(logp, mb.ref_logp_BR, pol.kl_kind), mb.mask_BR, pol.loss_agg,
                            self.cfg.rollout.max_new_tokens)
-            loss = loss + pol.kl_coef * kl
+            loss = loss + pol.kl_coef * (kl * share if token_mean and share != 1.0 else kl)
             stats["kl_loss"] = kl.item()
         ent = masked_mean(entropy, mb.mask_BR)
         if pol.entropy_coef > 0:
-            loss = loss - pol.entropy_coef * ent
+            loss = loss - pol.entropy_coef * (ent * share if share != 1.0 else ent)  # always a token mean
         if moe.router_kl_coef > 0 and mb.ref_router_NTE is not None:
             tok_mask = self._token_mask(mb)
             rkl = sum(router_kl(p, q, tok_mask) for p, q in zip(out.router_probs_NTE, mb.ref_router_NTE))

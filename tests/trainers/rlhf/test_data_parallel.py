@@ -1,8 +1,9 @@
 """Data-parallel RLHF on real gloo processes: the same steps as one process on the same data.
 
-- The GRPO update of 2 ranks equals one process's update on the union of their rows (seq-mean
-  aggregation: the mean over ranks of equal-sized means is the global mean), including a rank
-  that runs out of micro-batches first (it joins the gradient average with none).
+- The GRPO update of 2 ranks equals one process's update on the union of their rows (seq-mean:
+  the mean over ranks of equal-sized means is the global mean; token-mean: each rank's term
+  rescaled by its share of the tokens), including a rank that runs out of micro-batches first
+  (it joins the gradient average with none).
 - DPO over `anymoe rlhf dpo --nproc 2` takes the same steps as one process with twice the
   gradient accumulation (same global batch): losses, gradient norms, final weights, and the
   held-out metrics (each rank evaluates a share of the batches).
@@ -35,9 +36,10 @@ QUIET = ["logging.progress=false", "logging.plots=false", "checkpoint.at_end=fal
          "eval.at_end=false"]
 
 
-def _grpo(run_dir: Path, rank: int = 0, world: int = 1, groups=None, micro_batch: int = 2) -> GRPOTrainer:
+def _grpo(run_dir: Path, rank: int = 0, world: int = 1, groups=None, micro_batch: int = 2,
+          agg: str = "seq-mean") -> GRPOTrainer:
     cfg = load_rlhf_config(ROOT / "configs/rlhf/grpo_addition.yaml", "grpo",
-                           [*QUIET, "rlhf.policy.loss_agg=seq-mean", f"rlhf.policy.micro_batch={micro_batch}",
+                           [*QUIET, f"rlhf.policy.loss_agg={agg}", f"rlhf.policy.micro_batch={micro_batch}",
                             "rlhf.rollout.prompts_per_step=2", "rlhf.rollout.samples_per_prompt=3",
                             "optim.lr=1e-2", "train.steps=4"])
     trainer = GRPOTrainer(cfg, run_dir, get_backend("cpu"), dist=DistEnv(rank, world), groups=groups)
@@ -52,12 +54,17 @@ def _global_experience(trainer: GRPOTrainer):
     exps, _ = trainer.rollout.make_experience([dict(it.row, answer=it.answer) for it in items],
                                               [it.prompt for it in items])
     assert len(exps) == 1 and exps[0].batch_size == 6, [e.batch_size for e in exps]
-    return exps[0]
+    exp = exps[0]
+    # Rows of unequal length (a fresh policy runs every answer to max_new_tokens): the ranks' first
+    # micro-batches then hold different token counts, which token-mean must weigh.
+    exp.mask_BR[0, -2:] = 0
+    exp.mask_BR[1, -1:] = 0
+    return exp
 
 
-def _update_worker(rank: int, world: int, tmp: str) -> dict[str, torch.Tensor] | None:
+def _update_worker(rank: int, world: int, tmp: str, agg: str) -> dict[str, torch.Tensor] | None:
     groups = build_parallel_groups(ParallelConfig(), "cpu", num_experts=4)
-    trainer = _grpo(Path(tmp) / f"dp{rank}", rank, world, groups)
+    trainer = _grpo(Path(tmp) / f"dp{rank}", rank, world, groups, agg=agg)
     exp = _global_experience(trainer)
     # rank 0: rows 0-3 (two micro-batches), rank 1: rows 4-5 (one): rank 1 runs out first.
     mine = exp.select(torch.arange(0, 4) if rank == 0 else torch.arange(4, 6))
@@ -66,7 +73,7 @@ def _update_worker(rank: int, world: int, tmp: str) -> dict[str, torch.Tensor] |
         return None
     state = {k: v.clone() for k, v in trainer.actor.module.state_dict().items()}
     # One process: micro-step 1 = both ranks' first micro-batches, micro-step 2 = rank 0's second.
-    ref = _grpo(Path(tmp) / "ref", micro_batch=4)  # one micro-batch per update call below
+    ref = _grpo(Path(tmp) / "ref", micro_batch=4, agg=agg)  # one micro-batch per update call below
     ref_exp = _global_experience(ref)
     ref.engine.update([ref_exp.select(torch.tensor([0, 1, 4, 5]))])
     ref.engine.update([ref_exp.select(torch.tensor([2, 3]))])
@@ -75,8 +82,9 @@ def _update_worker(rank: int, world: int, tmp: str) -> dict[str, torch.Tensor] |
 
 
 @pytest.mark.multiproc
-def test_grpo_update_over_two_ranks_equals_one_process_on_the_union(tmp_path):
-    out = launch(_update_worker, 2, (str(tmp_path),), timeout_s=300)[0]
+@pytest.mark.parametrize("agg", ["seq-mean", "token-mean"])  # token-mean: each rank's token share
+def test_grpo_update_over_two_ranks_equals_one_process_on_the_union(tmp_path, agg):
+    out = launch(_update_worker, 2, (str(tmp_path), agg), timeout_s=300)[0]
     moved = max((out["ref"][k] - out["init"][k]).abs().max().item() for k in out["ref"])
     assert moved > 1e-3, "the reference update did not move the weights"
     for k, ref in out["ref"].items():
