@@ -9,8 +9,8 @@ micro-batches (prompts are bucketed by token length). A micro-step is therefore 
 every rank's i-th micro-batch: a rank that has run out takes part with zero gradients, and the
 sum is divided by the number of ranks that had a batch; token-mean loss terms are rescaled by each
 rank's share of the micro-step's tokens (``token_share``), so the policy step is the one-process
-step on the union of the micro-batches (token-mean exactly; seq-mean and dr-grpo where the ranks'
-micro-batches hold equally many sequences; the critic's value loss stays a per-rank token mean).
+step on the union of the micro-batches (token-mean exactly, the critic's value loss too; seq-mean
+and dr-grpo where the ranks' micro-batches hold equally many sequences).
 Expert parallelism is not offered in
 RL (the rollout's decode steps would have to run in lockstep over the EP group).
 """
@@ -103,19 +103,25 @@ class DataParallel:
     def average_gradients(self, params: Sequence[nn.Parameter], took_part: bool) -> None:
         """Gradients summed over the ranks that had a micro-batch, divided by their count.
 
-        Every trainable parameter gets a gradient (zeros where this rank computed none), so every
-        rank reduces the same tensors; a world of one is left as it is.
+        The parameters some rank has a gradient for get one everywhere (zeros where this rank
+        computed none), so every rank reduces the same tensors; those no rank has one for keep
+        None, so the optimizer leaves them alone as in one process (no weight decay: e.g. the
+        critic's unused LM head). A world of one is left as it is.
         """
         if self.groups is None:
             return
         trainable = [p for p in params if p.requires_grad]
-        for p in trainable:
-            if p.grad is None or not took_part:
+        if not took_part:
+            for p in trainable:
+                p.grad = None
+        *has, count = self.sum([float(p.grad is not None) for p in trainable] + [float(took_part)])
+        reduced = [p for p, n in zip(trainable, has) if n > 0]
+        for p in reduced:
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        count = self.sum([1.0 if took_part else 0.0])[0]
-        sync_gradients(trainable, self.groups, expert_ids=set())  # mean over the world
-        if count != self.size:
-            torch._foreach_mul_([p.grad for p in trainable], self.size / count)
+        sync_gradients(reduced, self.groups, expert_ids=set())  # mean over the world
+        if reduced and count != self.size:
+            torch._foreach_mul_([p.grad for p in reduced], self.size / count)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""

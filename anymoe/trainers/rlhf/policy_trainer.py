@@ -167,13 +167,15 @@ class PolicyTrainer:
         self.critic_optimizer.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
         vloss = None
+        share = self.dp.token_share(float(mb.mask_BR.sum()) if mb is not None else 0.0, mb is not None)
         if mb is not None:
             assert mb.values_BR is not None
             replay = mb.routing_NTK if self.cfg.moe.routing_replay else None
             values = self.critic.values(mb.sequences_BL, mb.prompt_len, replay)
             vloss, stats = value_loss(values, mb.values_BR, mb.returns_BR, mb.mask_BR,
                                       clip_eps=self.cfg.critic.value_clip or None)
-            (self.cfg.critic.coef * vloss).backward()
+            # a token mean: weighted by this rank's share of the micro-step's tokens, as the policy's
+            (self.cfg.critic.coef * (vloss * share if share != 1.0 else vloss)).backward()
             stats["value_loss"] = vloss.item()
         params = list(self.critic.parameters())
         self.dp.average_gradients(params, took_part=mb is not None)

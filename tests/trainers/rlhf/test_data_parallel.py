@@ -30,6 +30,7 @@ from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.rlhf.config import load_rlhf_config
 from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.grpo import GRPOTrainer
+from anymoe.trainers.rlhf.ppo import PPOTrainer
 
 ROOT = Path(__file__).resolve().parents[3]
 QUIET = ["logging.progress=false", "logging.plots=false", "checkpoint.at_end=false", "eval.every=0",
@@ -37,14 +38,25 @@ QUIET = ["logging.progress=false", "logging.plots=false", "checkpoint.at_end=fal
 
 
 def _grpo(run_dir: Path, rank: int = 0, world: int = 1, groups=None, micro_batch: int = 2,
-          agg: str = "seq-mean") -> GRPOTrainer:
-    cfg = load_rlhf_config(ROOT / "configs/rlhf/grpo_addition.yaml", "grpo",
+          agg: str = "seq-mean", algo: str = "grpo") -> GRPOTrainer:
+    """A GRPO trainer, or with algo "ppo" a PPO one with GAE (a critic) on the same prompts."""
+    extra = ["rlhf.policy.advantage=gae", "rlhf.critic.lr=1e-2"] if algo == "ppo" else []
+    cfg = load_rlhf_config(ROOT / "configs/rlhf/grpo_addition.yaml", algo,
                            [*QUIET, f"rlhf.policy.loss_agg={agg}", f"rlhf.policy.micro_batch={micro_batch}",
                             "rlhf.rollout.prompts_per_step=2", "rlhf.rollout.samples_per_prompt=3",
-                            "optim.lr=1e-2", "train.steps=4"])
-    trainer = GRPOTrainer(cfg, run_dir, get_backend("cpu"), dist=DistEnv(rank, world), groups=groups)
+                            "optim.lr=1e-2", "train.steps=4", *extra])
+    cls = PPOTrainer if algo == "ppo" else GRPOTrainer
+    trainer = cls(cfg, run_dir, get_backend("cpu"), dist=DistEnv(rank, world), groups=groups)
     trainer.build()
     return trainer
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    """The policy's weights, and the critic's (prefixed) where there is one."""
+    out = {k: v.clone() for k, v in trainer.actor.module.state_dict().items()}
+    if trainer.critic is not None:
+        out.update({f"critic.{k}": v.clone() for k, v in trainer.critic.module.state_dict().items()})
+    return out
 
 
 def _global_experience(trainer: GRPOTrainer):
@@ -62,31 +74,33 @@ def _global_experience(trainer: GRPOTrainer):
     return exp
 
 
-def _update_worker(rank: int, world: int, tmp: str, agg: str) -> dict[str, torch.Tensor] | None:
+def _update_worker(rank: int, world: int, tmp: str, agg: str, algo: str) -> dict[str, torch.Tensor] | None:
     groups = build_parallel_groups(ParallelConfig(), "cpu", num_experts=4)
-    trainer = _grpo(Path(tmp) / f"dp{rank}", rank, world, groups, agg=agg)
+    trainer = _grpo(Path(tmp) / f"dp{rank}", rank, world, groups, agg=agg, algo=algo)
     exp = _global_experience(trainer)
     # rank 0: rows 0-3 (two micro-batches), rank 1: rows 4-5 (one): rank 1 runs out first.
     mine = exp.select(torch.arange(0, 4) if rank == 0 else torch.arange(4, 6))
     trainer.engine.update([mine])
     if rank != 0:
         return None
-    state = {k: v.clone() for k, v in trainer.actor.module.state_dict().items()}
+    state = _weights(trainer)
     # One process: micro-step 1 = both ranks' first micro-batches, micro-step 2 = rank 0's second.
-    ref = _grpo(Path(tmp) / "ref", micro_batch=4, agg=agg)  # one micro-batch per update call below
+    ref = _grpo(Path(tmp) / "ref", micro_batch=4, agg=agg, algo=algo)  # one micro-batch per update below
     ref_exp = _global_experience(ref)
     ref.engine.update([ref_exp.select(torch.tensor([0, 1, 4, 5]))])
     ref.engine.update([ref_exp.select(torch.tensor([2, 3]))])
-    return {"dp": state, "ref": {k: v.clone() for k, v in ref.actor.module.state_dict().items()},
-            "init": {k: v.clone() for k, v in _grpo(Path(tmp) / "init").actor.module.state_dict().items()}}
+    return {"dp": state, "ref": _weights(ref), "init": _weights(_grpo(Path(tmp) / "init", algo=algo))}
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("agg", ["seq-mean", "token-mean"])  # token-mean: each rank's token share
-def test_grpo_update_over_two_ranks_equals_one_process_on_the_union(tmp_path, agg):
-    out = launch(_update_worker, 2, (str(tmp_path), agg), timeout_s=300)[0]
-    moved = max((out["ref"][k] - out["init"][k]).abs().max().item() for k in out["ref"])
-    assert moved > 1e-3, "the reference update did not move the weights"
+@pytest.mark.parametrize("algo,agg", [("grpo", "seq-mean"), ("grpo", "token-mean"),  # token shares
+                                      ("ppo", "token-mean")])  # the critic's value loss too
+def test_policy_update_over_two_ranks_equals_one_process_on_the_union(tmp_path, algo, agg):
+    out = launch(_update_worker, 2, (str(tmp_path), agg, algo), timeout_s=300)[0]
+    for critic in (False, True) if algo == "ppo" else (False,):
+        keys = [k for k in out["ref"] if k.startswith("critic.") == critic]
+        moved = max((out["ref"][k] - out["init"][k]).abs().max().item() for k in keys)
+        assert moved > 1e-3, f"the reference update did not move the {'critic' if critic else 'policy'}"
     for k, ref in out["ref"].items():
         err = (out["dp"][k] - ref).abs().max().item()
         assert err <= 1e-5 * max(1.0, ref.abs().max().item()), (k, err)
