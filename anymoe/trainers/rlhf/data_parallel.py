@@ -10,9 +10,8 @@ every rank's i-th micro-batch: a rank that has run out takes part with zero grad
 sum is divided by the number of ranks that had a batch; token-mean loss terms are rescaled by each
 rank's share of the micro-step's tokens (``token_share``), so the policy step is the one-process
 step on the union of the micro-batches (token-mean exactly, the critic's value loss too; seq-mean
-and dr-grpo where the ranks' micro-batches hold equally many sequences).
-Expert parallelism is not offered in
-RL (the rollout's decode steps would have to run in lockstep over the EP group).
+and dr-grpo where the ranks' micro-batches hold equally many sequences). Expert parallelism is
+not offered in RL (the rollout's decode steps would have to run in lockstep over the EP group).
 """
 
 from __future__ import annotations
