@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,14 @@ def _cli(tmp_path: Path, algo: str, name: str, *args: str) -> subprocess.Complet
     cmd = [sys.executable, "-m", "anymoe", "rlhf", algo, str(ROOT / f"configs/rlhf/{algo}_addition.yaml"),
            "--out", str(tmp_path / name), *[a for s in QUIET for a in ("--set", s)], *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "exitcode: -6" in proc.stderr:
+        # The rare gloo abort of a torchrun worker on a loaded 2-core host (seen once in the CI run of
+        # a clean clone, not in 13 reruns; tests/trainers/test_dp_ep_match.py has the same guard):
+        # show it and run the command once more (a fresh directory unless it resumes).
+        print("first torchrun attempt aborted; retrying:\n" + proc.stderr[-3000:], file=sys.stderr)
+        if "--resume" not in args:
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
