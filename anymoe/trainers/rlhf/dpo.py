@@ -23,7 +23,7 @@ from anymoe.trainers.optim import LRSchedule, build_optimized
 from anymoe.trainers.rlhf.base import RLHFTrainer
 from anymoe.trainers.rlhf.losses import dpo_loss, token_logprobs
 from anymoe.trainers.rlhf.model_io import ForwardOut, forward_rl
-from anymoe.trainers.rlhf.rm import eval_pair_batches, pair_tensors
+from anymoe.trainers.rlhf.rm import eval_pair_batches, pair_tensors, rank_micro_batches
 from anymoe.trainers.rlhf.roles import Reference
 from anymoe.trainers.rlhf.routing import router_kl
 
@@ -77,15 +77,11 @@ class DPOTrainer(RLHFTrainer):
     def train_step(self, step: int) -> StepOutput:
         lr = self.schedule.apply(self.optimizer, step)
         batch = self.stream.next_batch()
-        mb = self.cfg.train.micro_batch
-        first = self.dp.rank * mb * self.accum  # this rank's slice of the global batch
         self.optimizer.zero_grad(set_to_none=True)
         keys = ("loss", "margin", "accuracy", "chosen_reward", "rejected_reward", "router_kl")
         sums = dict.fromkeys(keys, 0.0)
         n, tokens = 0, 0
-        for i in range(self.accum):
-            lo = first + i * mb
-            part = {k: v[lo:lo + mb] for k, v in batch.items() if isinstance(v, Tensor)}
+        for part in rank_micro_batches(batch, self.cfg.train.micro_batch, self.accum, self.dp):
             t = self.pair_terms(part)
             loss = t["losses"].mean() + t["extra"]
             (loss / self.accum).backward()
@@ -113,9 +109,7 @@ class DPOTrainer(RLHFTrainer):
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         margin, acc, n = 0.0, 0.0, 0
-        for i, batch in enumerate(eval_pair_batches(self.bundle, self.cfg.train.micro_batch)):
-            if not self.dp.owns(i):  # each rank a share of the batches
-                continue
+        for batch in eval_pair_batches(self.bundle, self.cfg.train.micro_batch, self.dp):
             t = self.pair_terms({k: v for k, v in batch.items() if isinstance(v, Tensor)})
             valid = batch.get("row_valid", torch.ones_like(t["chosen"], dtype=torch.bool))
             valid = valid.to(t["chosen"].device)

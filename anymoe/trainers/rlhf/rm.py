@@ -9,6 +9,7 @@ Legend: B pairs, S tokens. A step, per micro-batch of B pairs:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,28 @@ from torch import Tensor
 from anymoe.trainers.loop import StepOutput
 from anymoe.trainers.optim import LRSchedule, build_optimized
 from anymoe.trainers.rlhf.base import RLHFTrainer, load_module_state
+from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.losses import bradley_terry_loss
 from anymoe.trainers.rlhf.roles import RewardModel, ScalarHeadModel
 
 
-def eval_pair_batches(bundle: Any, batch_size: int):
-    """The held-out pairs in batches; the first 64 training pairs when there are none."""
+def eval_pair_batches(bundle: Any, batch_size: int, dp: DataParallel):
+    """This rank's share (round robin) of the held-out pairs in batches; the first 64 training
+    pairs when there are none."""
     if len(bundle.eval):
-        yield from bundle.eval_batches(batch_size)
+        batches = bundle.eval_batches(batch_size)
     else:
-        yield bundle.collate([bundle.train[i] for i in range(min(64, len(bundle.train)))])
+        batches = iter([bundle.collate([bundle.train[i] for i in range(min(64, len(bundle.train)))])])
+    yield from (batch for i, batch in enumerate(batches) if dp.owns(i))
+
+
+def rank_micro_batches(batch: dict[str, Any], micro_batch: int, accum: int,
+                       dp: DataParallel) -> Iterator[dict[str, Tensor]]:
+    """This rank's ``accum`` micro-batches of a step's global batch of pairs (its contiguous slice)."""
+    first = dp.rank * micro_batch * accum
+    for i in range(accum):
+        lo = first + i * micro_batch
+        yield {k: v[lo:lo + micro_batch] for k, v in batch.items() if isinstance(v, Tensor)}
 
 
 def pair_tensors(batch: dict[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,14 +75,10 @@ class RMTrainer(RLHFTrainer):
     def train_step(self, step: int) -> StepOutput:
         lr = self.schedule.apply(self.optimizer, step)
         batch = self.stream.next_batch()
-        mb = self.cfg.train.micro_batch
-        first = self.dp.rank * mb * self.accum  # this rank's slice of the global batch
         self.optimizer.zero_grad(set_to_none=True)
         total, correct, margin, n = 0.0, 0, 0.0, 0
         tokens = 0
-        for i in range(self.accum):
-            lo = first + i * mb
-            part = {k: v[lo:lo + mb] for k, v in batch.items() if isinstance(v, Tensor)}
+        for part in rank_micro_batches(batch, self.cfg.train.micro_batch, self.accum, self.dp):
             rc, rr, out = self.scores(part)
             loss = bradley_terry_loss(rc, rr) + out.aux_loss
             rc, rr = rc.detach(), rr.detach()
@@ -94,9 +103,7 @@ class RMTrainer(RLHFTrainer):
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         correct, n, loss_sum = 0, 0, 0.0
-        for i, batch in enumerate(eval_pair_batches(self.bundle, self.cfg.train.micro_batch)):
-            if not self.dp.owns(i):  # each rank a share of the batches
-                continue
+        for batch in eval_pair_batches(self.bundle, self.cfg.train.micro_batch, self.dp):
             valid = batch.get("row_valid", torch.ones(batch["chosen_input_ids"].shape[0], dtype=torch.bool))
             rc, rr, _ = self.scores(batch)
             v = valid.to(rc.device)
@@ -131,4 +138,4 @@ def load_reward_model(trainer: RLHFTrainer, spec: str) -> RewardModel:
     return RewardModel(module, trainable=False)
 
 
-__all__ = ["RMTrainer", "eval_pair_batches", "load_reward_model", "pair_tensors"]
+__all__ = ["RMTrainer", "eval_pair_batches", "load_reward_model", "pair_tensors", "rank_micro_batches"]
