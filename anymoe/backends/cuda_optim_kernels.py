@@ -394,9 +394,9 @@ class TritonAdamW(torch.optim.AdamW):
             sub = [[lst[i] for i in rest] for lst in lists]
             if copies is not None:  # torch's AdamW wants the gradient (and moments) in the master's dtype
                 sub[1] = [g.to(p.dtype) for g, p in zip(sub[1], sub[0])]
-            moments = sub[2] + sub[3]
-            upcast = copies is not None and self.moment_dtype != torch.float32
-            if upcast:  # low-precision moments: the step on fp32 copies, stored rounded (as the kernel does)
+            stored = None  # low-precision moments: the step on fp32 copies, stored rounded, as the kernel
+            if copies is not None and self.moment_dtype != torch.float32:
+                stored = sub[2] + sub[3]
                 sub[2], sub[3] = [m.float() for m in sub[2]], [v.float() for v in sub[3]]
             fused = _torch_fused(group, *sub[:4])
             coef, found_inf = _torch_coef(grad_coef, sub[1], fused)
@@ -405,8 +405,8 @@ class TritonAdamW(torch.optim.AdamW):
                 self._torch_rest(group, *sub, fused=fused, found_inf=found_inf)
                 if copies is not None:
                     _copy_masters([copies[i] for i in rest], sub[0], found_inf)
-                if upcast:
-                    torch._foreach_copy_(moments, sub[2] + sub[3])
+                if stored is not None:
+                    torch._foreach_copy_(stored, sub[2] + sub[3])
         if not mine:
             return
         for i in mine:

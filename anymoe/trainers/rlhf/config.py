@@ -62,7 +62,6 @@ class RLHFConfig(RunConfig):
             raise ConfigError("rlhf.moe.routing_replay", "expert-choice routing has no per-token choices to "
                                                          "replay; set routing_replay: false")
 
-
     def check_world(self, algo: str, world: int) -> None:
         """What ``world`` data-parallel ranks need of the config (checked before any work)."""
         if algo in ("ppo", "grpo"):
