@@ -115,6 +115,8 @@ class CUDABackend(Backend):
     def peak_flops(self, dtype: torch.dtype) -> float:
         return peak_flops_for(torch.cuda.get_device_name(torch.cuda.current_device()), dtype)
 
+    profiler_activity = torch.profiler.ProfilerActivity.CUDA
+
     def set_deterministic(self, on: bool) -> None:
         if on:
             # cuBLAS picks reproducible reductions only with a fixed workspace; must be set
@@ -176,7 +178,8 @@ class CUDABackend(Backend):
 
 # Triton kernels of the fast MoE dispatch path register themselves for "cuda" on import
 # (gpu-perf, anymoe/backends/cuda_kernels.py; a no-op where Triton is missing).
-from anymoe.backends import (  # noqa: E402, F401  (+ CE, RMSNorm, qk-norm + RoPE, router GEMM)
+from anymoe.backends import (  # noqa: E402, F401  (+ CE, RMSNorm, qk-norm + RoPE, router GEMM, attention)
+    cuda_attention,
     cuda_kernels,
     cuda_loss_kernels,
     cuda_norm_kernels,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from anymoe.core.attention import causal_attention
 from anymoe.core.norm import rms_norm
 from anymoe.core.qk_norm_rope import qkv_norm_rope, rope_rotate_half
 from anymoe.models.cache import KVCache
@@ -146,15 +147,13 @@ def attend(q_BHSD: Tensor, k_BGLD: Tensor, v_BGLD: Tensor, mask: Tensor | None, 
     not guessed from tracer state: on torch 2.11 that guess also fired under torch.compile and
     put a materialised repeat (and its gradient sum) into every compiled training step.
     """
-    kwargs: dict = {"dropout_p": dropout, "scale": scale}
-    if rep > 1:
-        if repeat_kv_heads:
-            k_BGLD, v_BGLD = repeat_kv(k_BGLD, rep), repeat_kv(v_BGLD, rep)
-        else:
-            kwargs["enable_gqa"] = True
-    if mask is None:
-        return F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, is_causal=True, **kwargs)
-    return F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, **kwargs)
+    gqa = rep > 1 and not repeat_kv_heads
+    if rep > 1 and repeat_kv_heads:
+        k_BGLD, v_BGLD = repeat_kv(k_BGLD, rep), repeat_kv(v_BGLD, rep)
+    if mask is None:  # the backend's causal kernel (anymoe.core.attention)
+        return causal_attention(q_BHSD, k_BGLD, v_BGLD, scale, dropout, gqa)
+    return F.scaled_dot_product_attention(q_BHSD, k_BGLD, v_BGLD, attn_mask=mask, dropout_p=dropout,
+                                          scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):

@@ -206,7 +206,12 @@ def _attention_key_heads(device: str) -> tuple[list[int], int]:
     # bf16 on CUDA: the dtype of the fused attention kernels (float32 takes SDPA's math path)
     model = MoETransformer(cfg, backend=backend).to(device, torch.bfloat16 if device == "cuda" else None)
     compile_blocks(model, backend, "blocks", compiler=aot_autograd(fw_compiler=record, bw_compiler=record))
-    model(torch.randint(0, cfg.vocab_size, (2, 16), device=device)).float().sum().backward()
+    was = torch.are_deterministic_algorithms_enabled()  # on CUDA it picks FlexAttention (test_attention.py)
+    torch.use_deterministic_algorithms(False)
+    try:
+        model(torch.randint(0, cfg.vocab_size, (2, 16), device=device)).float().sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
     return heads, cfg.kv_heads
 
 
