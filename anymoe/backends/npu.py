@@ -28,7 +28,9 @@ import os
 import re
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -193,6 +195,19 @@ class NPUBackend(Backend):
 
     def synchronize(self) -> None:
         self._npu().npu.synchronize()
+
+    def profiler(self, *, wait: int, warmup: int, active: int, out_dir: Path,
+                 on_ready: Callable[[Any], None], record_shapes: bool = False,
+                 profile_memory: bool = False, with_stack: bool = False) -> Any:
+        """torch_npu's profiler (torch's kineto does not see NPU kernels). Its results can only be
+        written by its own handler, into ``out_dir`` in the layout MindStudio Insight and
+        ``torch_npu.profiler.profiler.analyse`` read, so ``on_ready`` (the torch summary) is not called."""
+        prof = self._npu().profiler
+        return prof.profile(
+            activities=[prof.ProfilerActivity.CPU, prof.ProfilerActivity.NPU],
+            schedule=prof.schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+            on_trace_ready=prof.tensorboard_trace_handler(str(out_dir)), record_shapes=record_shapes,
+            profile_memory=profile_memory, with_stack=with_stack)
 
     def memory_stats(self) -> dict[str, float]:
         npu = self._npu().npu

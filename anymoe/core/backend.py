@@ -10,13 +10,17 @@ before any work starts.
 from __future__ import annotations
 
 import importlib
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.utils.deterministic
 from torch import Tensor
+from torch.profiler import ProfilerActivity
 
 from anymoe.core.grouped_mm import GroupedMM
 from anymoe.core.sizing import IDENTITY, ExpertSizingPolicy
@@ -100,6 +104,23 @@ class Backend(ABC):
 
     def set_deterministic(self, on: bool) -> None:
         use_deterministic_algorithms(on)
+
+    # The device's kineto activity (the profiler records its kernels); None: host ops only.
+    profiler_activity: ProfilerActivity | None = None
+
+    def profiler(self, *, wait: int, warmup: int, active: int, out_dir: Path,
+                 on_ready: Callable[[Any], None], record_shapes: bool = False,
+                 profile_memory: bool = False, with_stack: bool = False) -> Any:
+        """A profiler context for a step loop: skips ``wait`` steps, warms up ``warmup``, records
+        ``active`` (call ``.step()`` after each step); ``on_ready(prof)`` writes the results.
+        Backends whose runtime brings its own profiler override this and write to ``out_dir``."""
+        activities = [ProfilerActivity.CPU] + ([self.profiler_activity] if self.profiler_activity else [])
+        with warnings.catch_warnings():  # warmup=0 (a resume right before the window) is wanted
+            warnings.filterwarnings("ignore", message="Profiler won't be using warmup")
+            schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1)
+        return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=on_ready,
+                                      record_shapes=record_shapes, profile_memory=profile_memory,
+                                      with_stack=with_stack)
 
     def autocast_dtype(self) -> torch.dtype | None:
         """The dtype mixed precision computes in, or None for plain fp32."""

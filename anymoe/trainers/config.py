@@ -35,6 +35,7 @@ from anymoe.trainers.deepspeed_engine import DeepSpeedConfig, check_deepspeed
 from anymoe.trainers.distill import DistillConfig
 from anymoe.trainers.finetune import FinetuneConfig, check_finetune
 from anymoe.trainers.optim import OptimConfig
+from anymoe.trainers.profiling import ProfileConfig
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class EvalConfig:
 
 
 TOP_SECTIONS = ("name", "out_dir", "backend", "model", "data", "optim", "parallel", "train", "logging",
-                "checkpoint", "eval", "engine", "deepspeed", "finetune", "distill")
+                "checkpoint", "eval", "profile", "engine", "deepspeed", "finetune", "distill")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class RunConfig:
     logging: LoggingConfig = param(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = param(default_factory=CheckpointConfig)
     eval: EvalConfig = param(default_factory=EvalConfig)
+    profile: ProfileConfig = param(default_factory=ProfileConfig, doc="record a few steps with the "
+                                                                      "backend's profiler")
     engine: Literal["native", "deepspeed"] = param("native", doc="native: anymoe's loop; deepspeed: "
                                                                  "DeepSpeed ZeRO (the deepspeed section)")
     deepspeed: DeepSpeedConfig = param(default_factory=DeepSpeedConfig, doc="engine: deepspeed settings")
@@ -160,6 +163,11 @@ class RunConfig:
         if self.optim.moment_dtype == "bf16" and self.train.precision != "bf16_master":
             raise ConfigError("optim.moment_dtype", "bf16 moments are kept by the master-weights optimizer "
                               "of train.precision: bf16_master; set it, or optim.moment_dtype: fp32")
+        last = self.profile.start_step + self.profile.steps - 1
+        if self.profile.enabled and last > self.train.steps:
+            raise ConfigError("profile.start_step", f"steps {self.profile.start_step}-{last} are not all in "
+                              f"the run's {self.train.steps} steps; lower profile.start_step or "
+                              "profile.steps, or raise train.steps")
         check_finetune(self.finetune, self.model, self.ep)
         check_compile_config(self)
         seq = getattr(self.data, "seq_len", None)

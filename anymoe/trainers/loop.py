@@ -13,6 +13,7 @@ stop after ``max_bad_steps`` consecutive bad steps, loss-spike rollback and hook
     load_checkpoint(path, restore_data)   the inverse; restore_data=False on a rollback
     data_state()/load_data_state(s)       this rank's data sampler position (optional)
     finish()                 end-of-run work (plots, exports) (optional)
+    make_profiler()          a StepProfiler over a few steps (anymoe.trainers.profiling) (optional)
 
 Hooks: ``trainer.add_hook("after_step" | "after_eval" | "after_save" | "on_end", fn)``;
 ``fn(trainer, info_dict)``. The base saves RNG streams (torch CPU + device, python, numpy)
@@ -40,6 +41,7 @@ import torch
 from anymoe.trainers.checkpoint import CheckpointManager
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.metrics import MetricsWriter
+from anymoe.trainers.profiling import StepProfiler
 from anymoe.trainers.progress import Progress
 
 
@@ -165,6 +167,10 @@ class Trainer(ABC):
     def checkpoint_meta(self) -> dict[str, Any]:
         return {}
 
+    def make_profiler(self) -> StepProfiler | None:
+        """The profiler of a few steps (``profile:`` in the config); None: no profiling."""
+        return None
+
     def derived_metrics(self, row: dict[str, Any]) -> dict[str, Any]:
         """Fields computed from a finished row (e.g. MFU from tokens_per_s); optional."""
         return {}
@@ -273,12 +279,15 @@ class Trainer(ABC):
                                      resume_step=self.step if resumed else None)
         self.progress = Progress(self.loop.total_steps, start=self.step, enabled=main and self.loop.progress)
         last: dict[str, Any] = {}
+        profiler = self.make_profiler()
         try:
             while self.step < self.loop.total_steps:
                 t0 = time.perf_counter()
                 out = self.train_step(self.step)
                 self.step += 1
                 seconds = time.perf_counter() - t0
+                if profiler is not None:
+                    profiler.step()
                 if out.skipped or not math.isfinite(out.loss):
                     self.bad_steps += 1
                     self.consecutive_bad += 1
@@ -315,6 +324,8 @@ class Trainer(ABC):
             if self.loop.checkpoint_at_end and self.last_saved_step != self.step:
                 self.save()
         finally:
+            if profiler is not None:
+                profiler.close()
             self.progress.close()
             self.metrics.close()
         self.finish()

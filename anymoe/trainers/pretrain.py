@@ -20,9 +20,9 @@ Where the optimizer takes a device coefficient (anymoe.trainers.optim.takes_devi
 the clip coefficient of 6 are also computed on the device and the AdamW step is queued before
 that read: the device runs it right after the backward instead of idling while the host reads
 and decides, and skips it itself on a bad step (the host then takes back the step counts).
-The norm is taken after the gradient all-reduce and the loss is summed over DP on the device
-(the host's sum, in its order), so every rank decides the same, and no host collective after the
-read waits for the queued step.
+The norm is taken after the gradient all-reduce and the loss is summed over DP on the device (in
+both flows, the same float64 additions), so every rank decides the same, and no host collective
+after the read waits for the queued step.
 ``train.compile`` compiles the decoder blocks first (anymoe.trainers.compile).
 
 Weights are drawn on the CPU from the seed before moving to the device, and the data order
@@ -62,7 +62,9 @@ from anymoe.trainers.optim import (
     device_grad_coef,
     takes_device_coef,
 )
+from anymoe.trainers.profiling import StepProfiler, phase, step_profiler
 from anymoe.trainers.step_stats import MicroBatchStats
+from anymoe.trainers.transfer import to_device
 
 IGNORE = -100
 
@@ -257,37 +259,41 @@ class PretrainTrainer(Trainer):
 
     def train_step(self, step: int) -> StepOutput:
         lr = self.schedule.apply(self.optimizer, step)
-        host_batches = self.data.next_step()
-        n_local = sum(int((labels != IGNORE).sum()) for _, labels in host_batches)  # host copies: no sync
-        batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in host_batches]
-        n_tokens = self._dp_sum(torch.tensor([float(n_local)], dtype=torch.float64)).item()
+        with phase("data"):
+            host_batches = self.data.next_step()
+            n_local = sum(int((labels != IGNORE).sum()) for _, labels in host_batches)  # host copies: no sync
+            batches = [(to_device(ids, self.device), to_device(labels, self.device))
+                       for ids, labels in host_batches]
+            n_tokens = self._dp_sum(torch.tensor([float(n_local)], dtype=torch.float64)).item()
         scale = self.dp_size / max(n_tokens, 1.0)
         stats = MicroBatchStats(self.accum)
         for i, (ids, labels) in enumerate(batches):
             mark_step_begin(self.compile_mode)
-            with self._autocast():
-                out = self.model(ids, return_aux=True)
-            ce = cross_entropy_sum(out.logits.view(-1, out.logits.shape[-1]), labels.view(-1), IGNORE)
-            if step in self._poison_steps:  # fault injection (tests): a non-finite loss and gradient
-                ce = ce * float("nan")
-            stats.add(ce, out)  # on the device, copied before any graph replay can overwrite it
-            lm = ce if self.distiller is None else self.distiller.mix(ce, ids, labels, out.logits)
-            loss = lm * scale + out.aux_loss / self.accum
-            loss.backward()
-            if i == 0 and len(batches) > 1:
-                own_block_grads(self.model, self.compile_mode)  # out of the graph pool before a replay
-        self._sync_grads()
-        squares = self._grad_norm_squares()
+            with phase("forward"):
+                with self._autocast():
+                    out = self.model(ids, return_aux=True)
+                ce = cross_entropy_sum(out.logits.view(-1, out.logits.shape[-1]), labels.view(-1), IGNORE)
+                if step in self._poison_steps:  # fault injection (tests): a non-finite loss and gradient
+                    ce = ce * float("nan")
+                stats.add(ce, out)  # on the device, copied before any graph replay can overwrite it
+                lm = ce if self.distiller is None else self.distiller.mix(ce, ids, labels, out.logits)
+                loss = lm * scale + out.aux_loss / self.accum
+            with phase("backward"):
+                loss.backward()
+                if i == 0 and len(batches) > 1:
+                    own_block_grads(self.model, self.compile_mode)  # out of the graph pool before a replay
+        with phase("grad_sync_norm"):
+            self._sync_grads()
+            squares = self._grad_norm_squares()
+        ce_sum = self._dp_sum(stats.ce_sum_on_device())  # the step's CE over all ranks, on the device
+        pending = stats.fetch_later((*squares, ce_sum))
         queued = takes_device_coef(self.optimizer)
         if queued:  # the AdamW step before the read, deciding on the device (module docstring)
-            ce_sum = self._dp_sum(stats.ce_sum_on_device())  # the else branch's sum, on the device
-            pending = stats.fetch_later((*squares, ce_sum))
-            self.optimizer.step(grad_coef=device_grad_coef(*squares, ce_sum, self.cfg.optim.grad_clip))
-            host = pending()  # the step's one host read; it does not wait for the step
-            ce_total = host.extra[2]
-        else:
-            host = stats.fetch(squares)  # the step's one host read
-            ce_total = self._dp_sum(host.ce_sum).item()
+            with phase("optimizer"):
+                self.optimizer.step(grad_coef=device_grad_coef(*squares, ce_sum, self.cfg.optim.grad_clip))
+        with phase("host_read"):
+            host = pending()  # the step's one host read; it does not wait for a queued step
+        ce_total = host.extra[2]
         loss_value = ce_total / max(n_tokens, 1.0)
         grad_norm = math.sqrt(host.extra[0] + host.extra[1])
         bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
@@ -302,10 +308,12 @@ class PretrainTrainer(Trainer):
         if not queued:
             clip = self.cfg.optim.grad_clip
             coef = clip / (grad_norm + 1e-6) if clip > 0 and grad_norm > clip else 1.0
-            clipped_step(self.optimizer, self.model.parameters(), coef)
+            with phase("optimizer"):
+                clipped_step(self.optimizer, self.model.parameters(), coef)
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_router_biases()
-        read = host.summarize()  # the per-layer host sums, while the device runs the optimizer
+        with phase("statistics"):
+            read = host.summarize()  # the per-layer host sums, while the device runs the optimizer
         aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(read.aux_sums).items()}
         metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": read.aux_total, **aux_means}
         if self.distiller is not None:  # the KD term per loss token (before alpha), all ranks
@@ -420,6 +428,10 @@ class PretrainTrainer(Trainer):
             state = local_state_dict(state, self.model, self.groups)
         self.model.load_state_dict(state)
         load_canonical_optim_state(self.model, self.optimizer, self.ckpt.load(path, "optim.pt"))
+
+    def make_profiler(self) -> StepProfiler | None:
+        return step_profiler(self.cfg.profile, self.backend, self.run_dir, self.dist.rank, self.step,
+                             self.message)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"config": to_dict(self.cfg), "ep": self.groups.ep.size if self.groups is not None else 1}

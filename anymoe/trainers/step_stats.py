@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from anymoe.trainers.transfer import to_host_later
+
 
 def entropy_on_device(router_probs_TE: Tensor) -> Tensor:
     """Mean over tokens of -sum p log p (nats) as a float64 device scalar (no host read;
@@ -96,7 +98,7 @@ class MicroBatchStats:
         return finish
 
     def ce_sum_on_device(self) -> Tensor:
-        """This rank's CE summed over its micro-batches on the device: ``HostRows.ce_sum``'s float64
+        """This rank's CE summed over its micro-batches on the device: ``StepStats.ce_sum``'s float64
         additions in its order, so the same value, before any host read."""
         total = self.rows[0].new_zeros(())
         for row in self.rows:
@@ -129,14 +131,6 @@ class HostRows:
     rows: Tensor  # [micro-batches, row width] float64
     extra: list[float]  # the extra scalars handed to fetch(), in order
 
-    @property
-    def ce_sum(self) -> Tensor:
-        """CE summed over the micro-batches (float64 scalar), in the order summarize() adds."""
-        total = torch.zeros((), dtype=torch.float64)
-        for row in self.rows:
-            total += row[0]
-        return total
-
     def summarize(self) -> StepStats:
         stats = StepStats(ce_sum=torch.zeros((), dtype=torch.float64), aux_total=0.0, aux_sums={},
                           layer_loads=None, extra=self.extra)
@@ -145,23 +139,4 @@ class HostRows:
         return stats
 
 
-def to_host_later(t: Tensor) -> Callable[[], Tensor]:
-    """Start copying ``t`` to the host; the returned call waits for that copy and the work queued
-    before it, not for work queued since (an event on the device's stream, a pinned buffer).
-    On the CPU, or where torch has no accelerator, the copy is made now."""
-    if t.device.type == "cpu" or not torch.accelerator.is_available():
-        host = t.cpu()
-        return lambda: host
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    copied = torch.Event(t.device)
-    copied.record(torch.accelerator.current_stream(t.device))
-
-    def wait() -> Tensor:
-        copied.synchronize()
-        return host
-
-    return wait
-
-
-__all__ = ["HostRows", "MicroBatchStats", "StepStats", "entropy_on_device", "to_host_later"]
+__all__ = ["HostRows", "MicroBatchStats", "StepStats", "entropy_on_device"]

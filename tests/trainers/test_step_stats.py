@@ -60,7 +60,7 @@ def test_one_read_equals_reading_every_micro_batch(accum):
     assert got.extra == [2.5, 0.125]
     # the split read: loss and extra first (before the optimizer step), the per-layer sums after
     host = stats.fetch(extra_in)
-    assert host.extra == [2.5, 0.125] and host.ce_sum.item() == ce_sum.item()
+    assert host.extra == [2.5, 0.125] and host.summarize().ce_sum.item() == ce_sum.item()
     later = host.summarize()
     assert later.aux_total == aux_total and later.aux_sums == aux_sums and later.layer_extra == extra
     assert all(torch.equal(a, b) for a, b in zip(later.layer_loads, loads))

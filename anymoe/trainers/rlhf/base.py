@@ -23,6 +23,7 @@ from anymoe.trainers.checkpoint import CheckpointManager
 from anymoe.trainers.distributed import DistEnv
 from anymoe.trainers.loop import Trainer
 from anymoe.trainers.pretrain import loop_settings, resolve_precision
+from anymoe.trainers.profiling import StepProfiler, step_profiler
 from anymoe.trainers.rlhf.config import RLHFConfig, rl_model_config
 from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.model_io import forward_precision
@@ -107,6 +108,10 @@ class RLHFTrainer(Trainer):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"config": to_dict(self.cfg), "algorithm": self.algo}
+
+    def make_profiler(self) -> StepProfiler | None:
+        return step_profiler(self.cfg.profile, self.backend, self.run_dir, self.dist.rank, self.step,
+                             self.message)
 
     def finish(self) -> None:
         if not self.dist.is_main or not self.cfg.logging.plots:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from anymoe.trainers.loop import StepOutput
 from anymoe.trainers.optim import LRSchedule, build_optimized
+from anymoe.trainers.profiling import phase
 from anymoe.trainers.rlhf.base import RLHFTrainer
 from anymoe.trainers.rlhf.losses import dpo_loss, token_logprobs
 from anymoe.trainers.rlhf.model_io import ForwardOut, forward_rl
@@ -101,7 +102,8 @@ class DPOTrainer(RLHFTrainer):
         if not (math.isfinite(avg["loss"]) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepOutput(loss=float("nan"), skipped=True, reason="non-finite loss or gradient")
-        self.optimizer.step()
+        with phase("optimizer"):
+            self.optimizer.step()
         loss = avg.pop("loss")
         return StepOutput(loss=loss, tokens=int(tokens), metrics={"lr": lr, "grad_norm": norm, **avg})
 

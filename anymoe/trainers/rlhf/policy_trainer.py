@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from anymoe.trainers.metrics import load_stats
 from anymoe.trainers.optim import LRSchedule, OptimConfig, build_optimized
+from anymoe.trainers.profiling import phase
 from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.experience import Experience
 from anymoe.trainers.rlhf.losses import (
@@ -239,9 +240,12 @@ class PolicyTrainer:
 
     # ---- the whole step ----
     def step(self, rows: Sequence[Mapping[str, Any]], prompts: Sequence[str]) -> dict[str, Any]:
-        experiences, rstats = self.rollout.make_experience(rows, prompts)
-        upd = self.update(experiences)
-        row = self.measure(experiences, rstats, upd)
+        with phase("rollout"):  # generation, rewards, reference and old log-probs, advantages
+            experiences, rstats = self.rollout.make_experience(rows, prompts)
+        with phase("update"):
+            upd = self.update(experiences)
+        with phase("statistics"):
+            row = self.measure(experiences, rstats, upd)
         self.step_count += 1
         row["step"] = self.step_count
         return row

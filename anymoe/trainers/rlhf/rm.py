@@ -18,6 +18,7 @@ from torch import Tensor
 
 from anymoe.trainers.loop import StepOutput
 from anymoe.trainers.optim import LRSchedule, build_optimized
+from anymoe.trainers.profiling import phase
 from anymoe.trainers.rlhf.base import RLHFTrainer, load_module_state
 from anymoe.trainers.rlhf.data_parallel import DataParallel
 from anymoe.trainers.rlhf.losses import bradley_terry_loss
@@ -95,7 +96,8 @@ class RMTrainer(RLHFTrainer):
         if not (math.isfinite(total) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepOutput(loss=float("nan"), skipped=True, reason="non-finite loss or gradient")
-        self.optimizer.step()
+        with phase("optimizer"):
+            self.optimizer.step()
         metrics = {"lr": lr, "accuracy": correct / max(n, 1), "margin": margin / max(n, 1), "grad_norm": norm}
         return StepOutput(loss=total, tokens=int(tokens), metrics=metrics)
 
