@@ -264,8 +264,11 @@ class PretrainTrainer(Trainer):
             n_local = sum(int((labels != IGNORE).sum()) for _, labels in host_batches)  # host copies: no sync
             batches = [(to_device(ids, self.device), to_device(labels, self.device))
                        for ids, labels in host_batches]
-            n_tokens = self._dp_sum(torch.tensor([float(n_local)], dtype=torch.float64)).item()
-        scale = self.dp_size / max(n_tokens, 1.0)
+            # The global token count stays on the device (a fill, then the DP sum): a host read here
+            # would wait for the previous step's queued optimizer before the forward is issued.
+            n_tokens_t = self._dp_sum(torch.full((), float(n_local), dtype=torch.float64,
+                                                 device=self.device))
+        scale = self.dp_size / n_tokens_t.clamp_min(1.0)  # float64, as a Python float was
         stats = MicroBatchStats(self.accum)
         for i, (ids, labels) in enumerate(batches):
             mark_step_begin(self.compile_mode)
@@ -277,7 +280,8 @@ class PretrainTrainer(Trainer):
                     ce = ce * float("nan")
                 stats.add(ce, out)  # on the device, copied before any graph replay can overwrite it
                 lm = ce if self.distiller is None else self.distiller.mix(ce, ids, labels, out.logits)
-                loss = lm * scale + out.aux_loss / self.accum
+                # lm times a Python float multiplied in lm's dtype (fp32), the float rounded to it
+                loss = lm * scale.to(lm.dtype) + out.aux_loss / self.accum
             with phase("backward"):
                 loss.backward()
                 if i == 0 and len(batches) > 1:
@@ -286,14 +290,14 @@ class PretrainTrainer(Trainer):
             self._sync_grads()
             squares = self._grad_norm_squares()
         ce_sum = self._dp_sum(stats.ce_sum_on_device())  # the step's CE over all ranks, on the device
-        pending = stats.fetch_later((*squares, ce_sum))
+        pending = stats.fetch_later((*squares, ce_sum, n_tokens_t))
         queued = takes_device_coef(self.optimizer)
         if queued:  # the AdamW step before the read, deciding on the device (module docstring)
             with phase("optimizer"):
                 self.optimizer.step(grad_coef=device_grad_coef(*squares, ce_sum, self.cfg.optim.grad_clip))
         with phase("host_read"):
             host = pending()  # the step's one host read; it does not wait for a queued step
-        ce_total = host.extra[2]
+        ce_total, n_tokens = host.extra[2], host.extra[3]
         loss_value = ce_total / max(n_tokens, 1.0)
         grad_norm = math.sqrt(host.extra[0] + host.extra[1])
         bad = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
