@@ -95,8 +95,8 @@ class DeepSpeedPretrainTrainer(PretrainTrainer):
             eng.backward(lm * scale + out.aux_loss / self.accum, scale_wrt_gas=False)
             if i < len(batches) - 1:
                 eng.step()  # not a boundary: DeepSpeed only counts the micro-step
-        read = stats.read()
-        loss_value = self._dp_sum(read.ce_sum.clone()).item() / max(n_tokens, 1.0)
+        read = stats.read(reduce=self._dp_sum)  # every rank's rows, summed on the device
+        loss_value = read.ce_sum.item() / max(n_tokens, 1.0)
         if not math.isfinite(loss_value):
             raise TrainingStopped(f"non-finite loss at step {step + 1} under engine: deepspeed (it cannot "
                                   "skip a step); the newest checkpoint is the last good state; lower "
@@ -105,13 +105,10 @@ class DeepSpeedPretrainTrainer(PretrainTrainer):
         norm = eng.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         self.model.update_router_biases()
-        aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(read.aux_sums).items()}
-        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": read.aux_total, **aux_means}
+        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, **self._rank_mean_metrics(read)}
         if distiller is not None:
             kl = self._dp_sum(torch.tensor([distiller.take_kl()], dtype=torch.float64)).item()
             metrics["distill/kd"] = kl / max(n_tokens, 1.0)
-        if read.layer_loads is not None:
-            metrics["layers"] = self._layer_stats(read.layer_loads, read.layer_extra)
         return StepOutput(loss=loss_value, tokens=int(n_tokens), metrics=metrics)
 
     # ------------------------------------------------------------------ checkpoints

@@ -63,7 +63,7 @@ from anymoe.trainers.optim import (
     takes_device_coef,
 )
 from anymoe.trainers.profiling import StepProfiler, phase, step_profiler
-from anymoe.trainers.step_stats import MicroBatchStats
+from anymoe.trainers.step_stats import MicroBatchStats, StepStats
 from anymoe.trainers.transfer import to_device
 
 IGNORE = -100
@@ -290,7 +290,7 @@ class PretrainTrainer(Trainer):
             self._sync_grads()
             squares = self._grad_norm_squares()
         ce_sum = self._dp_sum(stats.ce_sum_on_device())  # the step's CE over all ranks, on the device
-        pending = stats.fetch_later((*squares, ce_sum, n_tokens_t))
+        pending = stats.fetch_later((*squares, ce_sum, n_tokens_t), reduce=self._dp_sum)  # rows: all ranks
         queued = takes_device_coef(self.optimizer)
         if queued:  # the AdamW step before the read, deciding on the device (module docstring)
             with phase("optimizer"):
@@ -318,31 +318,23 @@ class PretrainTrainer(Trainer):
         self.model.update_router_biases()
         with phase("statistics"):
             read = host.summarize()  # the per-layer host sums, while the device runs the optimizer
-        aux_means = {f"aux/{k}": v / self.dp_size for k, v in self._dp_mean(read.aux_sums).items()}
-        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, "aux_loss": read.aux_total, **aux_means}
+        metrics: dict[str, Any] = {"lr": lr, "grad_norm": grad_norm, **self._rank_mean_metrics(read)}
         if self.distiller is not None:  # the KD term per loss token (before alpha), all ranks
             kd = self._dp_sum(torch.tensor([self.distiller.take_kl()], dtype=torch.float64)).item()
             metrics["distill/kd"] = kd / max(n_tokens, 1.0)
-        if read.layer_loads is not None:
-            metrics["layers"] = self._layer_stats(read.layer_loads, read.layer_extra)
         return StepOutput(loss=loss_value, tokens=int(n_tokens), metrics=metrics)
 
-    def _layer_stats(self, loads: list[Tensor], extra: list[dict[str, float]]) -> list[dict[str, Any]]:
-        out = []
-        for load, more in zip(loads, extra):
-            load = self._dp_sum(load.clone())
-            stats = load_stats(load)
-            stats["entropy"] = more["entropy"]
-            stats["dropped"] = more["dropped"]
-            out.append(stats)
-        return out
-
-    def _dp_mean(self, values: dict[str, float]) -> dict[str, float]:
-        if not values:
-            return {}
-        keys = sorted(values)
-        t = self._dp_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
-        return {k: float(v) for k, v in zip(keys, t.tolist())}
+    def _rank_mean_metrics(self, read: StepStats) -> dict[str, Any]:
+        """aux loss, each balance loss and router entropy as means over the DP ranks, loads and dropped
+        pairs summed over them, from sums that are already over every rank's rows."""
+        n = self.dp_size
+        metrics: dict[str, Any] = {"aux_loss": read.aux_total / n,
+                                   **{f"aux/{k}": v / n for k, v in read.aux_sums.items()}}
+        if read.layer_loads is not None:
+            metrics["layers"] = [{**load_stats(load), "entropy": more["entropy"] / n,
+                                  "dropped": more["dropped"]}
+                                 for load, more in zip(read.layer_loads, read.layer_extra)]
+        return metrics
 
     def _dp_sum(self, t: Tensor) -> Tensor:
         if self.groups is None or self.groups.dp.size == 1:

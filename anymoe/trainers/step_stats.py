@@ -25,6 +25,8 @@ from torch import Tensor
 
 from anymoe.trainers.transfer import to_host_later
 
+Reduce = Callable[[Tensor], Tensor]  # e.g. a data-parallel all-reduce sum of the stacked rows
+
 
 def entropy_on_device(router_probs_TE: Tensor) -> Tensor:
     """Mean over tokens of -sum p log p (nats) as a float64 device scalar (no host read;
@@ -72,22 +74,27 @@ class MicroBatchStats:
         self.layout = layout
         self.rows.append(torch.cat(parts))
 
-    def read(self, extra: Sequence[Tensor] = ()) -> StepStats:
+    def read(self, extra: Sequence[Tensor] = (), reduce: Reduce | None = None) -> StepStats:
         """One host transfer of every row and ``extra`` scalar, then the per-step sums."""
-        return self.fetch(extra).summarize()
+        return self.fetch(extra, reduce).summarize()
 
-    def fetch(self, extra: Sequence[Tensor] = ()) -> HostRows:
+    def fetch(self, extra: Sequence[Tensor] = (), reduce: Reduce | None = None) -> HostRows:
         """The one host transfer, without the per-layer sums (``HostRows.summarize``): a trainer
         reads the loss and ``extra`` (the gradient norm), queues the optimizer step, then sums
         while the device runs it. Summing first left an H100 idle for 3 ms a step (moe-1b)."""
-        return self.fetch_later(extra)()
+        return self.fetch_later(extra, reduce)()
 
-    def fetch_later(self, extra: Sequence[Tensor] = ()) -> Callable[[], HostRows]:
+    def fetch_later(self, extra: Sequence[Tensor] = (),
+                    reduce: Reduce | None = None) -> Callable[[], HostRows]:
         """``fetch``, started now and finished by the returned call, which waits for the work queued
         before this call only: a trainer queues its optimizer step in between, and then sums while
-        the device runs it, as after ``fetch``."""
+        the device runs it, as after ``fetch``. ``reduce`` (e.g. a data-parallel all-reduce sum) is
+        applied to the stacked rows on the device first, so the host sums are over every rank's rows
+        with no collective of host tensors (which would wait for the queued step)."""
         assert self.rows and self.layout is not None, "fetch() before any add()"
-        flat = [torch.stack(self.rows).reshape(-1)] + [t.detach().double().reshape(1) for t in extra]
+        rows = torch.stack(self.rows).reshape(-1)
+        rows = reduce(rows) if reduce is not None else rows
+        flat = [rows] + [t.detach().double().reshape(1) for t in extra]
         wait = to_host_later(torch.cat(flat))
         width, n = self.rows[0].numel(), len(self.rows)
 

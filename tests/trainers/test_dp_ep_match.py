@@ -69,6 +69,12 @@ def test_dp2_and_dp_x_ep_match_single_process(tmp_path):
             assert other[step]["aux/aux_loss"] == pytest.approx(row["aux/aux_loss"], rel=1e-5), step
             for la, lb in zip(row["layers"], other[step]["layers"]):
                 assert lb["share"] == pytest.approx(la["share"], abs=1e-12)  # same routing, same loads
+        # every rank's statistics, not rank 0's: the aux loss and router entropy are means over all
+        # micro-batches of the global batch, as in one process
+        assert dp2[step]["aux_loss"] == pytest.approx(row["aux_loss"], rel=1e-5), step
+        for la, lb in zip(row["layers"], dp2[step]["layers"]):
+            assert lb["entropy"] == pytest.approx(la["entropy"], rel=1e-6)
+            assert lb["dropped"] == la["dropped"]
     for end in (dp2_end, ep2_end):
         assert end["eval_loss"] == pytest.approx(single_end["eval_loss"], rel=1e-5)
     meta = json.loads((tmp_path / "ep2" / "run.json").read_text())
