@@ -70,3 +70,28 @@ def test_fp32_matches_the_cpu(tmp_path, backend):
     dev = {r["step"]: r["loss"] for r in read_metrics(_run(tmp_path, backend, backend, *args)) if "loss" in r}
     for step, loss in cpu.items():
         assert dev[step] == pytest.approx(loss, rel=1e-3), step  # fp32 kernels differ in summation order
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("backend", DEVICES)
+def test_two_devices_data_parallel_match_one(tmp_path, backend):
+    """`--nproc 2` over NCCL / HCCL: the loss, gradient norm and every rank's statistics (reduced on
+    the device before the step's host read) equal one device's with twice the micro-batches."""
+    from anymoe.core.backend import get_backend
+
+    _usable(backend)
+    if get_backend(backend).device_count() < 2:
+        pytest.skip(f"needs 2 {backend} devices, {get_backend(backend).device_count()} visible")
+    args = ("--steps", "6", "--set", "train.precision=fp32", "--set", "train.deterministic=true")
+    one = {r["step"]: r for r in read_metrics(_run(tmp_path, "one", backend, *args)) if "loss" in r}
+    two = {r["step"]: r for r in read_metrics(_run(tmp_path, "two", backend, "--nproc", "2", *args))
+           if "loss" in r}
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step, a in one.items():
+        b = two[step]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), step
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), step
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-4), step
+        for la, lb in zip(a["layers"], b["layers"]):
+            assert lb["share"] == pytest.approx(la["share"], abs=1e-3)
+            assert lb["entropy"] == pytest.approx(la["entropy"], rel=1e-4)
