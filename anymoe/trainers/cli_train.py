@@ -23,15 +23,18 @@ re-runs the same command under torchrun. After an elastic restart
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import time
 from pathlib import Path
 
-import yaml
-
-from anymoe.core.config import ConfigError, to_dict
+from anymoe.core.config import ConfigError
+from anymoe.trainers.cli_run import (
+    add_common_flags,
+    fit_run,
+    overrides,
+    overwrite_refusal,
+    resolve_run_dir,
+    start_processes,
+)
 from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail, fit_exit_code  # noqa: F401 (re-exported)
 
 PROG = "anymoe train"
@@ -39,15 +42,7 @@ PROG = "anymoe train"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config (e.g. configs/tiny.yaml)")
-    parser.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory (default: runs/<name>)")
-    parser.add_argument("--steps", type=int, default=None, help="override train.steps")
-    parser.add_argument("--seed", type=int, default=None, help="override train.seed")
-    parser.add_argument("--backend", default=None, help="override backend: auto, cpu, cuda, npu")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field, e.g. --set optim.lr=1e-3 (repeatable)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest intact checkpoint in RUN_DIR (start fresh if none)")
-    parser.add_argument("--nproc", type=int, default=None, help="start N local processes (via torchrun)")
+    add_common_flags(parser, "optim.lr=1e-3", "start N local processes (via torchrun)")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="with --nproc: torchrun elastic restarts after a worker dies")
     parser.add_argument("--sizing", default=None,
@@ -58,21 +53,6 @@ def _argv_for_workers(args: argparse.Namespace, run_dir: Path) -> list[str]:
     from anymoe.trainers.distributed import worker_argv
 
     return worker_argv(["train", args.config], run_dir, args, ("steps", "seed", "backend", "sizing"))
-
-
-def _overrides(args: argparse.Namespace) -> list[str]:
-    items = list(args.overrides)
-    if args.steps is not None:
-        items.append(f"train.steps={args.steps}")
-    if args.seed is not None:
-        items.append(f"train.seed={args.seed}")
-    if args.backend is not None:
-        items.append(f"backend={args.backend}")
-    return items
-
-
-def resolve_run_dir(cfg, out: str | None) -> Path:
-    return Path(out or cfg.out_dir or Path("runs") / cfg.name)
 
 
 def preflight(cfg, world_size: int) -> None:
@@ -91,17 +71,12 @@ def _fail(text: str, code: int = EXIT_BAD_INPUT) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from anymoe.core.backend import BackendUnavailable, get_backend
-    from anymoe.trainers.checkpoint import (
-        CheckpointError,
-        CheckpointManager,
-        probe_writable,
-        write_bytes_atomic,
-    )
+    from anymoe.trainers.checkpoint import CheckpointError, probe_writable
     from anymoe.trainers.config import load_run_config
-    from anymoe.trainers.distributed import env_from_launcher, init_distributed, relaunch, shutdown
+    from anymoe.trainers.distributed import env_from_launcher, relaunch
 
     try:
-        cfg = load_run_config(args.config, _overrides(args))
+        cfg = load_run_config(args.config, overrides(args))
     except ConfigError as err:
         return _fail(f"config error: {err}")
     run_dir = resolve_run_dir(cfg, args.out)
@@ -115,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         return _fail(f"config error: {err}")
     resume = args.resume or env.restart_count > 0
-    if env.is_main and not resume and CheckpointManager(run_dir / "checkpoints").finished():
-        return _fail(f"{run_dir} already holds checkpoints; pass --resume to continue that run or --out "
-                     "to start another (nothing was overwritten)")
+    refusal = overwrite_refusal(run_dir, env.is_main, resume)
+    if refusal:
+        return _fail(refusal)
     sizing = None
     if args.sizing:
         from anymoe.core.sizing import parse_policy
@@ -136,49 +111,27 @@ def run(args: argparse.Namespace) -> int:
         except CheckpointError as err:
             return _fail(str(err))
     try:
-        env = init_distributed(backend)
-        from anymoe.core.parallel import build_parallel_groups
-
-        moe = cfg.model.moe
-        groups = build_parallel_groups(cfg.parallel, backend.device_type,
-                                       moe.num_experts if moe is not None else None)
+        env, groups = start_processes(backend, cfg)
     except ConfigError as err:
-        shutdown()
         return _fail(f"config error: {err}")
-    from anymoe.trainers.loop import TrainingStopped
     from anymoe.trainers.pretrain import PretrainTrainer, precision_label
 
     trainer_cls = PretrainTrainer
     if cfg.engine == "deepspeed":
         from anymoe.trainers.deepspeed_trainer import DeepSpeedPretrainTrainer as trainer_cls
     trainer = trainer_cls(cfg, run_dir, backend, dist=env, resume=resume, groups=groups)
-    if env.is_main:
-        write_bytes_atomic(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
-    t0 = time.perf_counter()
-    finished = False
-    try:
-        summary = trainer.fit()
-        finished = True
-    except (ConfigError, CheckpointError, TrainingStopped, KeyboardInterrupt) as err:
-        return fit_exit_code(PROG, err)
-    finally:
-        shutdown(wait_for_peers=finished)
-    if env.is_main:
-        info = {"backend": backend.name, "world_size": env.world_size, "ep": groups.ep.size,
-                "precision": precision_label(cfg, backend),
-                "parameters": trainer.model.num_parameters(),
-                "active_parameters": trainer.model.num_parameters(active=True),
-                "steps": trainer.step, "seconds": round(time.perf_counter() - t0, 2),
-                "final_loss": summary.get("loss"), "eval_loss": summary.get("eval_loss"),
-                "python": platform.python_version(), "torch": __import__("torch").__version__,
-                "host_cpus": os.cpu_count()}
-        write_bytes_atomic(run_dir / "run.json", json.dumps(info, indent=1).encode())
-        loss = summary.get("loss")
-        ev = summary.get("eval_loss")
+
+    def report(summary: dict, seconds: float) -> dict:
+        loss, ev = summary.get("loss"), summary.get("eval_loss")
         ev_text = f", eval loss {ev:.4f}" if isinstance(ev, float) else ""
-        print(f"done: {trainer.step} steps in {info['seconds']:.1f} s; final loss {loss:.4f}{ev_text}; "
+        print(f"done: {trainer.step} steps in {seconds:.1f} s; final loss {loss:.4f}{ev_text}; "
               f"run dir {run_dir}", flush=True)
-    return 0
+        return {"backend": backend.name, "world_size": env.world_size, "ep": groups.ep.size,
+                "precision": precision_label(cfg, backend), "parameters": trainer.model.num_parameters(),
+                "active_parameters": trainer.model.num_parameters(active=True), "steps": trainer.step,
+                "seconds": seconds, "final_loss": loss, "eval_loss": ev, "host_cpus": os.cpu_count()}
+
+    return fit_run(PROG, trainer, cfg, run_dir, env.is_main, report)
 
 
 __all__ = ["configure", "resolve_run_dir", "run"]
