@@ -249,3 +249,46 @@ def test_registry_refuses_duplicates():
     assert set(ROUTERS) == {"topk", "noisy_topk", "group_limited", "hash", "expert_choice"}
     with pytest.raises(ValueError, match="twice"):
         register_router("topk")(Router)
+
+
+def test_gather_k_gradient_is_the_scatter_add_without_a_scatter():
+    """The combine weights' gather: forward and gradient equal torch.gather's exactly (distinct ids per
+    row, as top-k gives), and the traced backward holds no scatter or index_put (with deterministic
+    algorithms on CUDA those run as a sort plus an accumulating index_put)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from anymoe.core.router import gather_k
+
+    gen = torch.Generator().manual_seed(5)
+    T, E, K = 37, 11, 3
+    src = torch.randn(T, E, dtype=torch.float64, generator=gen)
+    ids = torch.rand(T, E, generator=gen).topk(K, dim=-1).indices
+    g = torch.randn(T, K, dtype=torch.float64, generator=gen)
+    a, b = src.clone().requires_grad_(), src.clone().requires_grad_()
+    out = gather_k(a, ids)
+    out.backward(g)
+    ref = b.gather(1, ids)
+    ref.backward(g)
+    assert torch.equal(out, ref) and torch.equal(a.grad, b.grad)
+    want = b.grad.clone()
+    dup = ids.clone()
+    dup[:, 1] = dup[:, 0]  # repeated ids still sum their terms (not bit for bit in general)
+    a.grad = b.grad = None
+    gather_k(a, dup).backward(g)
+    b.gather(1, dup).backward(g)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-15, atol=1e-15)
+
+    targets: list[str] = []
+
+    def record(gm, _inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    c = src.clone().requires_grad_()
+    torch.compile(gather_k, backend=backend)(c, ids).backward(g)
+    assert torch.equal(c.grad, want)
+    assert any("gather" in t for t in targets)
+    assert not any("scatter" in t or "index_put" in t for t in targets), targets
