@@ -62,12 +62,18 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def _is_annotation(e: Any) -> bool:
+    """A named range (ours, the profiler's steps, torch's optimizer ranges), not a kernel or copy."""
+    return bool(getattr(e, "is_user_annotation", False)) or e.name.startswith((PHASE_PREFIX, "ProfilerStep"))
+
+
 def summarize(prof: Any, first_step: int, n: int, top: int = 30) -> dict[str, Any]:
     """The summary of a torch profiler that recorded ``n`` steps from ``first_step`` (module docstring)."""
     events = prof.events()
     step_spans = sorted((e.time_range.start, e.time_range.end) for e in events
                         if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU)[:n]
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type != DeviceType.CPU]
+    kernels = [(e.time_range.start, e.time_range.end) for e in events  # not the ranges' device spans
+               if e.device_type != DeviceType.CPU and not _is_annotation(e)]
     rows = prof.key_averages()
     on_device = bool(kernels)
     phases: dict[str, dict[str, float]] = {}
