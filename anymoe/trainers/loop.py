@@ -280,12 +280,17 @@ class Trainer(ABC):
         self.progress = Progress(self.loop.total_steps, start=self.step, enabled=main and self.loop.progress)
         last: dict[str, Any] = {}
         profiler = self.make_profiler()
+        last_end = time.perf_counter()
         try:
             while self.step < self.loop.total_steps:
                 t0 = time.perf_counter()
                 out = self.train_step(self.step)
                 self.step += 1
-                seconds = time.perf_counter() - t0
+                end = time.perf_counter()
+                # tokens/s over the whole iteration: the previous step's logging, hooks, evaluation and
+                # checkpoint are part of the run's time (train_step alone left them out, and with them
+                # any device work they hid, e.g. a queued optimizer step)
+                seconds, interval, last_end = end - t0, end - last_end, end
                 if profiler is not None:
                     profiler.step()
                 if out.skipped or not math.isfinite(out.loss):
@@ -302,7 +307,7 @@ class Trainer(ABC):
                         continue
                     self.recent_losses = (self.recent_losses + [out.loss])[-max(1, self.loop.spike_window):]
                 row = {"step": self.step, "loss": out.loss, **out.metrics, "step_time_s": seconds,
-                       "tokens_per_s": out.tokens / seconds if seconds > 0 else 0.0,
+                       "interval_s": interval, "tokens_per_s": out.tokens / interval if interval > 0 else 0.0,
                        "skipped": out.skipped, "bad_steps": self.bad_steps}
                 row.update(self.derived_metrics(row))
                 last = row

@@ -29,4 +29,4 @@ def test_sft_masks_the_prompt_and_trains(tmp_path):
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     # Only response tokens count: far fewer loss tokens than 4 rows x 32 positions.
-    assert 0 < rows[0]["tokens_per_s"] * rows[0]["step_time_s"] < 4 * 32
+    assert 0 < rows[0]["tokens_per_s"] * rows[0]["interval_s"] < 4 * 32

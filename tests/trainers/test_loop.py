@@ -100,3 +100,20 @@ def test_hooks_and_eval(tmp_path):
     assert [r["step"] for r in rows] == [6, 12]
     with pytest.raises(ValueError, match="unknown hook"):
         t.add_hook("before_lunch", lambda *a: None)
+
+
+def test_tokens_per_s_counts_the_whole_iteration(tmp_path):
+    """tokens_per_s is over the time since the previous step finished, so what the loop does between
+    steps (here a slow after_step hook; really: logging, evaluation, checkpoints) counts;
+    step_time_s is train_step alone."""
+    import time
+
+    t = ToyTrainer(tmp_path, settings(total_steps=4, checkpoint_every=0))
+    t.add_hook("after_step", lambda trainer, row: time.sleep(0.2))
+    t.fit()
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    for row in rows:
+        assert row["interval_s"] >= row["step_time_s"]
+        assert row["tokens_per_s"] * row["interval_s"] == pytest.approx(64)  # the toy's tokens a step
+    for row in rows[1:]:  # the previous step's hook slept 0.2 s
+        assert row["interval_s"] >= row["step_time_s"] + 0.2
