@@ -22,8 +22,9 @@ CODE = """
 import copy
 import sys
 import torch
-sys.path.insert(0, "tests/backends")
+sys.path[:0] = ["tests/backends", "tests"]
 from adamw_reference import reference_adamw, round_nearest, truncate_bf16, ulps
+from bitwise import same, snapshot
 from anymoe.backends import cuda_optim_kernels as ok
 
 class InterpretedAdamW(ok.TritonAdamW):
@@ -73,20 +74,6 @@ def run(opt_class, first=0, last=STEPS, resume=None, coef=None, **kw):
                 p.grad = None if (gi, i) == (0, NO_GRAD) else gl[s].clone()
         opt.step(**({"grad_coef": coef} if coef is not None else {}))
     return params, opt
-
-def snapshot(params, opt):  # every tensor a step could write, cloned: params, grads, the state_dict
-    flat = [p for ps in params for p in ps] if isinstance(params[0], list) else list(params)
-    tensors = [t.detach().clone() for p in flat for t in (p, p.grad) if t is not None]
-    return tensors, copy.deepcopy(opt.state_dict())
-
-def same(a, b):
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    return a == b
 
 def skipped_steps_write_nothing(params, opt, grads_now):
     # a NaN or inf device coef: the kernel is launched and writes nothing; the host half (the step

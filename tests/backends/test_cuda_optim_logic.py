@@ -8,11 +8,11 @@ TritonAdamW there is torch.optim.AdamW(fused=True) bit for bit. Tests of the lau
 launch for a recorder and let CPU tensors in (``kernel_device_type = "cpu"``).
 """
 
-import copy
 import io
 
 import pytest
 import torch
+from bitwise import same, snapshot
 
 from anymoe.backends import cuda_optim_kernels as ok
 from anymoe.core.backend import create_backend
@@ -374,22 +374,6 @@ def _dev(coef: float) -> torch.Tensor:
     return torch.tensor(coef, dtype=torch.float64)
 
 
-def _everything(params, opt):
-    """Every tensor a step could write (params, grads) and the state_dict, cloned."""
-    tensors = [t.detach().clone() for p in params for t in (p, p.grad) if t is not None]
-    return tensors, copy.deepcopy(opt.state_dict())
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    return a == b
-
-
 MAKERS = {  # each one's tensors take another path on the CPU (the kernel takes CUDA tensors only)
     "fused": lambda: ok.TritonAdamW(_params(5, (3, 4), seed=2), lr=0.1, weight_decay=0.1),
     "master": lambda: ok.TritonAdamW(_params(5, (3, 4), dtype=torch.bfloat16, seed=2), lr=0.1,
@@ -409,28 +393,28 @@ def test_device_coef_steps_as_the_float_and_skips_when_not_finite(path):
     ps, qs = float_opt.param_groups[0]["params"], dev_opt.param_groups[0]["params"]
     for bad in (float("nan"), float("inf")):
         _set_grads(qs, seed=0)
-        before = _everything(qs, dev_opt)
+        before = snapshot(qs, dev_opt)
         dev_opt.step(grad_coef=_dev(bad))
-        assert _same(_everything(qs, dev_opt)[0], before[0]), bad
+        assert same(snapshot(qs, dev_opt)[0], before[0]), bad
         dev_opt.undo_step()
-        assert _same(_everything(qs, dev_opt), before) and not dev_opt.state, bad
+        assert same(snapshot(qs, dev_opt), before) and not dev_opt.state, bad
     for seed, coef in enumerate((0.37, 1.0, 0.123456789)):
         _set_grads(ps, seed)
         _set_grads(qs, seed)
         float_opt.step(grad_coef=coef)
         dev_opt.step(grad_coef=_dev(coef))
-        assert _same(_everything(qs, dev_opt), _everything(ps, float_opt)), coef
-    before = _everything(qs, dev_opt)
+        assert same(snapshot(qs, dev_opt), snapshot(ps, float_opt)), coef
+    before = snapshot(qs, dev_opt)
     dev_opt.step(grad_coef=_dev(float("nan")))
-    assert _same(_everything(qs, dev_opt)[0], before[0])
+    assert same(snapshot(qs, dev_opt)[0], before[0])
     assert any(float(st["step"]) == 4.0 for st in dev_opt.state.values()) == (path in ("fused", "master"))
     dev_opt.undo_step()
-    assert _same(_everything(qs, dev_opt), before)
+    assert same(snapshot(qs, dev_opt), before)
     _set_grads(ps, seed=9)
     _set_grads(qs, seed=9)
     float_opt.step(grad_coef=0.5)
     dev_opt.step(grad_coef=_dev(0.5))  # the bias correction of step 4, not 5
-    assert _same(_everything(qs, dev_opt), _everything(ps, float_opt))
+    assert same(snapshot(qs, dev_opt), snapshot(ps, float_opt))
 
 
 def test_takes_device_coef_says_where_a_step_would_read_it():

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from bitwise import same
 
 from anymoe.core.backend import get_backend, probe_backends
 from anymoe.trainers.config import config_from_data
@@ -31,19 +32,6 @@ CFG = {
 }
 STEPS = 6
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _same(a, b) -> bool:
-    """Bitwise equality of nested dicts/lists of tensors and plain values (NaN equals NaN)."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        return math.isnan(b)
-    return a == b
 
 
 def _trainer(tmp_path, name, clip, queued, backend="cpu"):
@@ -80,14 +68,14 @@ def test_queued_and_synchronous_steps_are_bitwise_equal(tmp_path, monkeypatch, c
 
     queued.optimizer.step = recording_step
     a, b = _curve(queued), _curve(synchronous)
-    assert _same(a, b)
+    assert same(a, b, nan_equal=True)
     assert [skipped for _, skipped, _, _ in a] == [False, False, True, False, False, False]
     norms = [norm for _, skipped, _, norm in a if not skipped]
     if backend == "cpu":  # the norms above (another device's kernels sum in another order)
         assert (clip > 0) == (min(norms) < clip < max(norms))  # clipped on some steps, not on others
     assert len(stepped) == STEPS and all(torch.is_tensor(c) and c.dtype == torch.float64 for c in stepped)
     assert math.isnan(stepped[2]) and not any(math.isnan(c) for i, c in enumerate(stepped) if i != 2)
-    assert _same(queued.checkpoint_files(), synchronous.checkpoint_files())
+    assert same(queued.checkpoint_files(), synchronous.checkpoint_files(), nan_equal=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,11 +88,11 @@ def test_a_poisoned_step_leaves_the_optimizer_and_weights_bitwise(tmp_path, monk
     out = trainer.train_step(1)
     assert out.skipped and out.reason == "non-finite loss"
     after = trainer.optimizer.state_dict()
-    assert _same(after["state"], state["state"])  # step counts included: 1, not 2
+    assert same(after["state"], state["state"], nan_equal=True)  # step counts included: 1, not 2
     for group in after["param_groups"] + state["param_groups"]:
         group.pop("lr")  # set by the schedule at the start of every step, skipped or not
-    assert _same(after, state)
-    assert _same(trainer.model.state_dict(), weights)
+    assert same(after, state, nan_equal=True)
+    assert same(trainer.model.state_dict(), weights, nan_equal=True)
     assert all(float(st["step"]) == 1.0 for st in trainer.optimizer.state.values())
     assert not trainer.train_step(2).skipped
     assert all(float(st["step"]) == 2.0 for st in trainer.optimizer.state.values())
