@@ -35,7 +35,7 @@ from anymoe.trainers.cli_run import (
     resolve_run_dir,
     start_processes,
 )
-from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail, fit_exit_code  # noqa: F401 (re-exported)
+from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail
 
 PROG = "anymoe train"
 

@@ -26,7 +26,7 @@ from anymoe.trainers.cli_run import (
     resolve_run_dir,
     start_processes,
 )
-from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail, fit_exit_code  # noqa: F401 (re-exported)
+from anymoe.trainers.exit_codes import EXIT_BAD_INPUT, fail
 from anymoe.trainers.rlhf.config import ALGORITHMS
 
 PROG = "anymoe rlhf"
